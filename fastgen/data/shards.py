@@ -1,0 +1,466 @@
+"""Image + caption samples streamed from webdataset ``.tar`` shards.
+
+Reading uses the ``webdataset`` package's tar iterators (``tar_file_expander`` +
+``group_by_keys``) on file objects this module opens itself, so no URL handling or
+network access is involved; if ``webdataset`` cannot be imported, a plain :mod:`tarfile`
+reader with the same grouping rules (sample key = member name up to the first dot of
+its base name) is used instead.
+
+A sample needs an image under one of the keys ``jpg``/``jpeg``/``png``/``webp`` and a
+caption under ``txt``/``caption`` or inside a ``json`` member (``caption``/``text``/
+``prompt`` field).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+import torch
+from PIL import Image
+
+from fastgen.data.folders import (
+    CAPTION_FIELDS,
+    check_valid_fraction,
+    decode_image,
+    image_to_tensor,
+    normalize_resolution,
+    resize_center_crop,
+)
+from fastgen.errors import DataError
+
+try:  # pragma: no branch
+    from webdataset.tariterators import group_by_keys as _wds_group_by_keys
+    from webdataset.tariterators import tar_file_expander as _wds_tar_file_expander
+
+    HAVE_WEBDATASET = True
+except Exception:  # pragma: no cover - exercised only without webdataset
+    HAVE_WEBDATASET = False
+
+__all__ = ["ImageCaptionShards", "expand_shards", "write_shards", "IMAGE_KEYS", "CAPTION_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS: tuple[str, ...] = ("txt", "caption")
+MIN_SEEN_FOR_CHECK = 20
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+# --------------------------------------------------------------------------- shard lists
+
+
+def _braceexpand(pattern: str) -> list[str]:
+    """Expand ``{000..003}`` ranges and ``{a,b}`` alternatives (nested braces supported)."""
+    try:
+        import braceexpand  # installed with webdataset
+
+        return list(braceexpand.braceexpand(pattern))
+    except ImportError:  # pragma: no cover
+        pass
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.group(1), rng.group(2)
+        width = len(a) if a.startswith("0") or b.startswith("0") else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        options = body.split(",")
+    return [x for opt in options for x in _braceexpand(head + opt + tail)]
+
+
+def expand_shards(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Resolve a shard source into an ordered list of existing shard paths.
+
+    ``source`` may be a list of paths, a directory (all ``*.tar``/``*.tar.gz``/``*.tgz``
+    inside, sorted) or a path/brace pattern such as ``data-{000..003}.tar``.
+
+    Raises:
+        DataError: when nothing matches or a listed shard does not exist.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text)
+        if path.is_dir():
+            paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.endswith(_SHARD_SUFFIXES))
+            if not paths:
+                raise DataError(
+                    f"shard folder '{path}' contains no .tar shards; point to a folder of webdataset "
+                    "shards, a list of .tar files or a pattern like data-{000..009}.tar"
+                )
+            return paths
+        paths = _braceexpand(text) if "{" in text else [text]
+    else:
+        paths = [os.fspath(p) for p in source]
+        if not paths:
+            raise DataError("the shard list is empty; pass at least one .tar shard path")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(paths)} shards do not exist (first: '{missing[0]}'); "
+            "check the path or brace pattern, e.g. data-{000..009}.tar"
+        )
+    return paths
+
+
+# --------------------------------------------------------------------------- tar reading
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """``dir/abc.txt`` -> ``("dir/abc", "txt")``; keys end at the first dot of the base name."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2)
+
+
+def _plain_tar_samples(path: str, on_error) -> Iterator[dict[str, Any]]:
+    """Fallback reader: group consecutive members of one tar by key, like webdataset."""
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = _split_name(info.name)
+                if key is None or ext is None or os.path.basename(key).startswith("__"):
+                    continue
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                if current is None or current["__key__"] != key:
+                    if current:
+                        yield current
+                    current = {"__key__": key, "__url__": path}
+                current[ext.lower()] = data
+    except Exception as exc:
+        on_error(exc)
+    if current:
+        yield current
+
+
+def _iter_tar_samples(path: str, on_error) -> Iterator[dict[str, Any]]:
+    """Yield raw samples (``{"__key__", "__url__", ext: bytes}``) from one shard."""
+    if not HAVE_WEBDATASET:
+        yield from _plain_tar_samples(path, on_error)
+        return
+
+    def handler(exc: Exception) -> bool:
+        on_error(exc)
+        return True  # keep going with the next member / shard
+
+    with open(path, "rb") as stream:
+        source = [{"url": path, "stream": stream}]
+        files = _wds_tar_file_expander(source, handler=handler)
+        yield from _wds_group_by_keys(files, handler=handler)
+
+
+def _caption_of(sample: dict[str, Any]) -> str | None:
+    for key in CAPTION_KEYS:
+        if key in sample:
+            return bytes(sample[key]).decode("utf-8").strip()
+    if "json" in sample:
+        record = json.loads(bytes(sample["json"]).decode("utf-8"))
+        if isinstance(record, dict):
+            for key in CAPTION_FIELDS:
+                if isinstance(record.get(key), str):
+                    return record[key].strip()
+    return None
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = 0, 1
+    return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ImageCaptionShards(torch.utils.data.IterableDataset):
+    """Stream ``{"pixels", "caption", "index", "key"}`` samples from webdataset shards.
+
+    Args:
+        shards: list of paths, a folder of ``.tar`` files or a brace pattern.
+        resolution, center_crop, random_flip, caption_dropout, min_valid_fraction: as for
+            :class:`~fastgen.data.folders.ImageCaptionFolder`.
+        rank, world_size: this process's place among the training processes (defaults to
+            ``torch.distributed`` when initialised, else 0 / 1).
+        split: how the stream is divided among ``world_size x num_workers`` consumers.
+            ``"shard"`` gives each consumer whole shards (cheap, but per-consumer counts
+            follow the shard sizes); ``"sample"`` makes every consumer read every shard and
+            keep every n-th sample (counts differ by at most one); ``"auto"`` uses
+            ``"shard"`` when there are at least as many shards as consumers.
+        shuffle_shards: shuffle the shard order each epoch (same order in every consumer,
+            seeded by ``seed`` and :meth:`set_epoch`).
+        shuffle_buffer: if > 0, shuffle samples within a buffer of this size.
+        seed: base seed of the shuffles.
+
+    Every sample is produced exactly once per epoch across all consumers. ``index`` is the
+    sample's position in the full, unsplit stream of the (possibly shuffled) shard list
+    when ``split="sample"``, and its position within its shard combined with the shard
+    number (``shard_number * 10**8 + position``) when ``split="shard"``; ``key`` is
+    ``"<shard path>:<sample key>"`` and is unique.
+
+    Corrupt samples (undecodable image, missing image or caption, broken json) are
+    skipped, logged once and counted in :attr:`num_bad` / :attr:`bad_files`; once at least
+    20 samples were seen, and again at the end of the stream, a valid fraction below
+    ``min_valid_fraction`` raises :class:`DataError`. With DataLoader workers the counts
+    live in each worker's copy of the dataset.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        resolution: int | tuple[int, int] = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        min_valid_fraction: float = 0.9,
+        caption_dropout: float = 0.0,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        split: Literal["auto", "shard", "sample"] = "auto",
+        shuffle_shards: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shards = expand_shards(shards)
+        self.size = normalize_resolution(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        if not 0.0 <= min_valid_fraction <= 1.0:
+            raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
+        if split not in ("auto", "shard", "sample"):
+            raise DataError(f"split must be 'auto', 'shard' or 'sample', got {split!r}; pass one of those")
+        self.min_valid_fraction = float(min_valid_fraction)
+        self.caption_dropout = float(caption_dropout)
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise DataError(
+                f"rank {self.rank} is outside world_size {self.world_size}; pass 0 <= rank < world_size"
+            )
+        self.split = split
+        self.shuffle_shards = bool(shuffle_shards)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_seen = 0
+        self.num_bad = 0
+        self.bad_files: list[str] = []
+        self.shard_errors: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used to seed the shuffles (call before iterating)."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _consumer(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker_id, self.world_size * workers
+
+    def _mode(self, consumers: int) -> str:
+        if self.split != "auto":
+            return self.split
+        return "shard" if len(self.shards) >= consumers else "sample"
+
+    def _on_shard_error(self, shard: str):
+        def record(exc: BaseException) -> None:
+            msg = f"{shard}: {type(exc).__name__}: {exc}"
+            self.shard_errors.append(msg)
+            logger.warning("error while reading shard %s; skipping the rest of it", msg)
+
+        return record
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            raise DataError(f"no image member (expected one of {', '.join(IMAGE_KEYS)})")
+        caption = _caption_of(sample)
+        if caption is None:
+            raise DataError("no caption (expected a txt/caption member or a json with a caption/text/prompt field)")
+        img = decode_image(bytes(sample[image_key]))
+        img = resize_center_crop(img, self.size, self.center_crop)
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image_to_tensor(img), caption
+
+    def _check_floor(self) -> None:
+        check_valid_fraction(
+            self.num_bad, self.num_seen, self.min_valid_fraction, self.bad_files,
+            f"the shards ({len(self.shards)} files, rank {self.rank})",
+        )
+
+    def _raw_stream(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Yield ``(index, shard, raw_sample)`` for this consumer's share of the epoch."""
+        consumer, consumers = self._consumer()
+        order = list(range(len(self.shards)))
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        mode = self._mode(consumers)
+        if mode == "shard":
+            for pos in order[consumer::consumers]:
+                shard = self.shards[pos]
+                for j, sample in enumerate(_iter_tar_samples(shard, self._on_shard_error(shard))):
+                    yield pos * 10**8 + j, shard, sample
+        else:
+            index = 0
+            for pos in order:
+                shard = self.shards[pos]
+                for sample in _iter_tar_samples(shard, self._on_shard_error(shard)):
+                    if index % consumers == consumer:
+                        yield index, shard, sample
+                    index += 1
+
+    def _shuffled(self, stream: Iterable[Any]) -> Iterator[Any]:
+        if self.shuffle_buffer <= 1:
+            yield from stream
+            return
+        consumer, _ = self._consumer()
+        rng = random.Random(self.seed * 1_000_003 + self.epoch * 7919 + consumer)
+        buffer: list[Any] = []
+        for item in stream:
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                k = rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index, shard, sample in self._shuffled(self._raw_stream()):
+            name = f"{shard}:{sample.get('__key__')}"
+            self.num_seen += 1
+            try:
+                pixels, caption = self._decode(sample)
+            except Exception as exc:
+                self.num_bad += 1
+                self.bad_files.append(name)
+                logger.warning("skipping unreadable sample %s (%s: %s)", name, type(exc).__name__, exc)
+                if self.num_seen >= MIN_SEEN_FOR_CHECK:
+                    self._check_floor()
+                continue
+            if self.num_seen >= MIN_SEEN_FOR_CHECK and self.num_bad:
+                self._check_floor()
+            if self.caption_dropout > 0 and bool(torch.rand(()) < self.caption_dropout):
+                caption = ""
+            yield {"pixels": pixels, "caption": caption, "index": index, "key": name}
+        self._check_floor()
+
+    def __repr__(self) -> str:
+        h, w = self.size
+        return (
+            f"ImageCaptionShards(shards={len(self.shards)}, size={h}x{w}, rank={self.rank}/"
+            f"{self.world_size}, split={self.split})"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _image_bytes(image: Any, fmt: str) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        pil_format = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+        img = image.convert("RGB") if pil_format == "JPEG" and image.mode != "RGB" else image
+        img.save(buf, format=pil_format)
+        return buf.getvalue()
+    raise DataError(f"write_shards got an image of type {type(image).__name__}; pass PIL images or encoded bytes")
+
+
+def write_shards(
+    items: Iterable[Any],
+    out_dir: str | os.PathLike[str],
+    per_shard: int,
+    *,
+    prefix: str = "data",
+    image_format: Literal["png", "jpg", "jpeg", "webp"] = "png",
+    caption_format: Literal["txt", "json"] = "txt",
+) -> list[str]:
+    """Write ``(image, caption)`` items into webdataset shards ``<prefix>-000000.tar`` ...
+
+    ``image`` is a PIL image (encoded as ``image_format``) or already-encoded bytes;
+    items may also be dicts ``{"image": ..., "caption": ..., "key": ...}``. Captions go into a
+    ``.txt`` member or a ``.json`` member ``{"caption": ...}``. Each shard is written to a
+    temporary name then renamed. Returns the shard paths in order.
+    """
+    if per_shard <= 0:
+        raise DataError(f"per_shard must be positive, got {per_shard}; pass e.g. 1000")
+    if image_format not in ("png", "jpg", "jpeg", "webp"):
+        raise DataError(f"image_format {image_format!r} is not supported; use png, jpg or webp")
+    if caption_format not in ("txt", "json"):
+        raise DataError(f"caption_format {caption_format!r} is not supported; use txt or json")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+    tar: tarfile.TarFile | None = None
+    tmp_path: Path | None = None
+    count = 0
+
+    def add(name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        assert tar is not None
+        tar.addfile(info, io.BytesIO(data))
+
+    def close() -> None:
+        nonlocal tar, tmp_path
+        if tar is not None and tmp_path is not None:
+            tar.close()
+            final = tmp_path.with_name(tmp_path.name[: -len(".tmp")])
+            os.replace(tmp_path, final)
+            paths.append(str(final))
+        tar, tmp_path = None, None
+
+    try:
+        for item in items:
+            if isinstance(item, dict):
+                image, caption, key = item.get("image"), item.get("caption"), item.get("key")
+            else:
+                image, caption = item
+                key = None
+            if count % per_shard == 0:
+                close()
+                tmp_path = out / f"{prefix}-{len(paths):06d}.tar.tmp"
+                tar = tarfile.open(tmp_path, mode="w")
+            key = key or f"{count:09d}"
+            add(f"{key}.{image_format}", _image_bytes(image, image_format))
+            if caption is not None:
+                if caption_format == "txt":
+                    add(f"{key}.txt", str(caption).encode("utf-8"))
+                else:
+                    add(f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
+            count += 1
+        close()
+    except BaseException:
+        if tar is not None:
+            tar.close()
+        if tmp_path is not None and tmp_path.exists():
+            tmp_path.unlink()
+        raise
+    return paths

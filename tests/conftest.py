@@ -1,0 +1,20 @@
+import os
+import tempfile
+
+# Tests never touch the network or the user's caches.
+_TMP = tempfile.mkdtemp(prefix="fastgen-tests-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+os.environ["HF_HOME"] = os.path.join(_TMP, "hf")
+os.environ["TORCH_HOME"] = os.path.join(_TMP, "torch")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
