@@ -1,0 +1,142 @@
+"""The digits world's models: the build path (quick mode), and the shipped teachers' quality."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastgen.data import digits as dw
+from fastgen.errors import ConfigError, ModelLoadError
+from fastgen.zoo import build as zb
+from fastgen.zoo import paths
+
+STOCK_SNIPPET = textwrap.dedent(
+    """
+    import sys, torch
+    assert "fastgen" not in sys.modules
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    if type(pipe).__name__ == "FluxPipeline":
+        kw.update(height=64, width=64, max_sequence_length=16, negative_prompt="", true_cfg_scale=4.0)
+    else:
+        kw.update(height=32, width=32, guidance_scale=3.0)
+    img = pipe(["a red handwritten digit three", "a blue handwritten digit eight"], **kw).images
+    assert "fastgen" not in sys.modules
+    print(type(pipe).__name__, img.shape, float(img.std()))
+    """
+)
+
+
+def _run_stock(folder) -> str:
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    res = subprocess.run([sys.executable, "-c", STOCK_SNIPPET, str(folder)], capture_output=True, text=True, env=env,
+                         cwd="/", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_quick_build_makes_loadable_pipelines_and_resumes(tmp_path):
+    cfg = zb.BuildConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), quick=True)
+    info = zb.build(cfg)
+    assert set(info["done"]) == set(zb.STAGES)
+    for name in ("sd-digits", "flux-digits", "classifier"):
+        assert (tmp_path / "out" / name).is_dir()
+    line = _run_stock(tmp_path / "out" / "sd-digits")
+    assert line.startswith("StableDiffusionPipeline (2, 32, 32, 3)")
+    line = _run_stock(tmp_path / "out" / "flux-digits")
+    assert line.startswith("FluxPipeline (2, 64, 64, 3)")
+    # a second build reuses every finished stage: the stage weights are not rewritten
+    unet_file = next((tmp_path / "work" / "unet").glob("*.safetensors"))
+    mtime = unet_file.stat().st_mtime_ns
+    zb.build(cfg)
+    assert unet_file.stat().st_mtime_ns == mtime
+    # ... unless asked to rebuild it
+    zb.build(cfg, rebuild=("unet",))
+    assert next((tmp_path / "work" / "unet").glob("*.safetensors")).stat().st_mtime_ns != mtime
+
+
+def test_build_rejects_unknown_stage(tmp_path):
+    cfg = zb.BuildConfig(out_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"), quick=True)
+    with pytest.raises(ValueError, match="unknown zoo stage"):
+        zb.build(cfg, rebuild=("unett",))
+
+
+def test_cli_unknown_override_suggests_key(capsys):
+    from fastgen.cli import main
+
+    rc = main(["zoo", "build", "--quick", "--work-dir", "/nonexistent", "steps.unett=3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "steps.unett" in err and "steps.unet" in err and "did you mean" in err
+
+
+def test_missing_artifact_names_the_fix(tmp_path):
+    with pytest.raises(ModelLoadError, match="fastgen zoo build"):
+        paths.sd_teacher(tmp_path)
+
+
+def test_tokenizer_covers_the_caption_vocabulary(tmp_path):
+    tok = zb.build_tokenizer(tmp_path / "tok")
+    ids = tok("a magenta handwritten digit seven").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1] or tok.unk_token_id == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "a magenta handwritten digit seven"
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped models
+
+
+def test_shipped_teachers_run_in_stock_diffusers_without_fastgen():
+    line = _run_stock(paths.sd_teacher())
+    assert line.startswith("StableDiffusionPipeline (2, 32, 32, 3)")
+    assert float(line.split()[-1]) > 0.05  # not a blank image
+    line = _run_stock(paths.flux_teacher())
+    assert line.startswith("FluxPipeline (2, 64, 64, 3)")
+    assert float(line.split()[-1]) > 0.05
+
+
+def test_shipped_classifier_and_vae_are_good():
+    clf = paths.load_classifier()
+    acc = zb.classifier_accuracy(clf, "test")
+    assert acc["digit_accuracy"] >= 0.9 and acc["colour_accuracy"] >= 0.99
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(paths.sd_teacher() / "vae")
+    assert zb.vae_psnr(vae, 32, limit=256) >= 25.0
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_shipped_unet_teacher_draws_the_prompted_digit():
+    from fastgen.zoo.check import load_sd_pipeline, sample_unet_teacher
+
+    pipe = load_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts, digits, colours = dw.eval_prompts(120, seed=11)
+    images = sample_unet_teacher(pipe, prompts, steps=50, seed=11)
+    d_logits, c_logits, _ = paths.load_classifier()(images)
+    assert (d_logits.argmax(1) == digits).float().mean() >= 0.9
+    assert (c_logits.argmax(1) == colours).float().mean() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_shipped_dit_teacher_draws_the_prompted_digit():
+    from fastgen.zoo.check import load_flux_pipeline, sample_dit_teacher
+
+    pipe = load_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts, digits, colours = dw.eval_prompts(60, seed=12)
+    images = sample_dit_teacher(pipe, prompts, steps=50, seed=12)
+    assert images.shape == (60, 3, 64, 64)
+    d_logits, c_logits, _ = paths.load_classifier()(images)
+    assert (d_logits.argmax(1) == digits).float().mean() >= 0.75
+    assert (c_logits.argmax(1) == colours).float().mean() >= 0.9
