@@ -28,6 +28,7 @@ BUILDERS = {
     "flux": make_tiny_flux,
     "sd3": make_tiny_sd3,
     "pixart": make_tiny_pixart,
+    "flux_dev": lambda f: make_tiny_flux(f, guidance_embeds=True),
 }
 EXPECTED = {  # family, kind, schedule kind, prediction type
     "sd": ("sd", "unet", "vp", "epsilon"),
@@ -36,6 +37,7 @@ EXPECTED = {  # family, kind, schedule kind, prediction type
     "flux": ("flux", "dit", "flow", "flow"),
     "sd3": ("sd3", "dit", "flow", "flow"),
     "pixart": ("pixart", "dit", "vp", "epsilon"),
+    "flux_dev": ("flux", "dit", "flow", "flow"),
 }
 
 
@@ -408,6 +410,45 @@ def test_flow_euler_loop_matches_stock_flux(teachers, w):
         x0, eps = teacher.predict(x, s, cond, uncond, guidance=w)
         x = (1 - s_next) * x0 + s_next * eps
     assert (x - stock).abs().max().item() <= 1e-4
+
+
+def test_guidance_distilled_flux_matches_stock(teachers):
+    """guidance_embeds=True: predict's guidance (no uncond) feeds the guidance embedding."""
+    teacher = teachers("flux_dev")
+    assert teacher.guidance_embeds
+    pipe = teacher.pipeline()
+    noise = torch.randn(1, 4, 8, 8)
+    prompt, w = PROMPTS[0], 5.0
+    stock = pipe(
+        prompt, height=16, width=16, num_inference_steps=2, guidance_scale=w, latents=pack_latents(noise),
+        output_type="latent", max_sequence_length=SEQ,
+    ).images
+    cond = teacher.encode_prompt([prompt])
+    x = noise
+    sigmas = pipe.scheduler.sigmas
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x0, eps = teacher.predict(x, s, cond, guidance=w)
+        x = (1 - s_next) * x0 + s_next * eps
+    assert (x - unpack_latents(stock, 8, 8)).abs().max().item() <= 1e-4
+    t = torch.tensor([0.7])
+    assert (teacher.forward(noise, t, cond, guidance_embed=1.0) - teacher.forward(noise, t, cond)).abs().max() > 1e-4
+
+
+def test_lcm_pipeline_loads_as_sd_family(folders, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    sd = load_pipeline(folders("sd"))
+    lcm = LatentConsistencyModelPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=LCMScheduler.from_config(sd.scheduler.config), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    )
+    lcm.save_pretrained(tmp_path / "lcm", safe_serialization=True)
+    teacher = Teacher.from_pretrained(tmp_path / "lcm")
+    assert (teacher.family, teacher.pipeline_class) == ("sd", "LatentConsistencyModelPipeline")
+    x = torch.randn(1, 4, 8, 8)
+    x0, _ = teacher.predict(x, torch.tensor([499]), teacher.encode_prompt(["a cat"]))
+    assert x0.shape == x.shape and torch.isfinite(x0).all()
 
 
 # --------------------------------------------------------------------------- bad input

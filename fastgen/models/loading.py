@@ -86,7 +86,10 @@ def _expected_weight_file(library: str | None) -> str:
 
 def _what_it_must_contain(kind: str, library: str | None) -> str:
     if kind == "tokenizer":
-        return "the tokenizer files (tokenizer.json or vocab.json + merges.txt or spiece.model, and tokenizer_config.json)"
+        return (
+            "the tokenizer files (tokenizer.json or vocab.json + merges.txt or spiece.model, "
+            "and tokenizer_config.json)"
+        )
     if kind == "scheduler":
         return "scheduler_config.json"
     if kind == "processor":

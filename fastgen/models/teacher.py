@@ -506,7 +506,9 @@ class Teacher(torch.nn.Module):
             pooled = clip.pooler_output.to(device=device, dtype=_module_dtype(pipe.text_encoder))
             hidden = self._t5_hidden(pipe.tokenizer_2, pipe.text_encoder_2, prompts)
             hidden = hidden.to(device=device, dtype=_module_dtype(pipe.text_encoder_2))
-            txt_ids = torch.zeros(len(prompts), hidden.shape[1], 3, device=device, dtype=_module_dtype(pipe.text_encoder))
+            txt_ids = torch.zeros(
+                len(prompts), hidden.shape[1], 3, device=device, dtype=_module_dtype(pipe.text_encoder)
+            )
             embeds = PromptEmbeds(hidden=hidden, pooled=pooled, extra={"txt_ids": txt_ids})
 
         elif fam == "sd3":
@@ -668,7 +670,9 @@ class Teacher(torch.nn.Module):
                 )
             guidance = None
             if self.guidance_embeds:
-                g = guidance_embed if guidance_embed is not None else embeds.extra.get("guidance", self.embedded_guidance)
+                g = guidance_embed
+                if g is None:
+                    g = embeds.extra.get("guidance", self.embedded_guidance)
                 guidance = torch.as_tensor(g, device=device, dtype=torch.float32)
                 guidance = guidance.expand(b) if guidance.ndim == 0 else guidance.reshape(b)
             txt_ids = embeds.extra.get("txt_ids")
