@@ -16,8 +16,6 @@ def _zoo_build(args) -> int:
 
     base = {"quick": args.quick, "work_dir": args.work_dir, "out_dir": args.out or ""}
     cfg = load_config(BuildConfig, args.config, overrides=args.overrides, base=base)
-    if cfg.quick:
-        cfg.__post_init__()
     build(cfg, rebuild=tuple(args.rebuild or ()))
     return 0
 

@@ -46,10 +46,10 @@ DIT_GUIDANCE = 4.0
 class StageSteps:
     text_encoder: int = 400
     classifier: int = 700
-    vae: int = 1500
-    vae_f2: int = 1500
+    vae: int = 1000
+    vae_f2: int = 1000
     unet: int = 1200
-    dit: int = 1200
+    dit: int = 1500
 
 
 @dataclass
@@ -62,6 +62,7 @@ class BuildConfig:
     unet_batch: int = 128
     dit_batch: int = 64
     caption_dropout: float = 0.1
+    ema_decay: float = 0.995
 
     def __post_init__(self):
         if self.quick:
@@ -382,7 +383,7 @@ def build_unet(out: Path, vae, tokenizer, text_encoder, cfg: BuildConfig):
     sched = make_ddim_scheduler()
     acp = sched.alphas_cumprod
     unet = make_unet(text_encoder.config.hidden_size)
-    ema = EMA(unet, 0.999)
+    ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     unet.train()
@@ -454,7 +455,7 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
     img_ids = flux_image_ids(latents.shape[-2], latents.shape[-1])
     txt_ids = torch.zeros(DIT_MAX_SEQUENCE_LENGTH, 3)
     model = make_flux(text_encoder.config.hidden_size)
-    ema = EMA(model, 0.999)
+    ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
@@ -524,6 +525,9 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
     info_path = work / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info["config"] = asdict(cfg)
+    from fastgen.config import save_config
+
+    save_config(cfg, work / "config.yaml")
     unknown = set(rebuild) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown zoo stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")

@@ -42,3 +42,15 @@ def load_classifier(root=None):
     from fastgen.zoo.classifier import DigitsClassifier
 
     return DigitsClassifier.from_pretrained(classifier(root)).eval()
+
+
+#: Short names accepted wherever a teacher folder is expected.
+ALIASES = {"digits-sd": SD_TEACHER, "digits-unet": SD_TEACHER, "digits-flux": FLUX_TEACHER, "digits-dit": FLUX_TEACHER}
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A teacher given as a shipped alias (``digits-sd``, ``digits-flux``) or a local folder path."""
+    key = str(name_or_path)
+    if key in ALIASES:
+        return artifact(ALIASES[key])
+    return Path(name_or_path)
