@@ -1,0 +1,419 @@
+"""The generic trainer: exact resume after a real kill, crash-safe checkpoints, the NaN guard,
+gradient accumulation, 2-process DDP, sample grids / metrics / config, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import toy_method  # noqa: F401  (registers the "toy" method)
+from fastgen.errors import ConfigError
+from fastgen.trainers import base as tbase
+from fastgen.trainers import checkpoint as ckpt
+from fastgen.trainers import run as trun
+from fastgen.trainers.base import NonFiniteLossError, ShardedBatchSampler, lr_lambda
+from fastgen.trainers.ema import EMA, ema_update_
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+BASE_TRAIN = {
+    "batch_size": 4,
+    "learning_rate": 0.01,
+    "log_with": "none",
+    "progress": False,
+    "checkpoint_every": 0,
+    "log_every": 5,
+}
+
+
+def write_recipe(path: Path, output_dir: Path, train: dict | None = None, toy: dict | None = None) -> Path:
+    data = {"method": "toy", "output_dir": str(output_dir), "train": {**BASE_TRAIN, **(train or {})}, "toy": dict(toy or {})}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_inprocess(tmp_path: Path, name: str, train=None, toy=None, resume=None):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, train, toy)
+    trainer, cfg = trun.prepare_run(recipe, [], resume)
+    trainer.train(resume=resume)
+    return trainer
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_model_state(ckpt.find_checkpoint(run_dir, "latest"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def cli(recipe: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fastgen.trainers.run", str(recipe), "--import", "toy_method", *extra]
+
+
+# --------------------------------------------------------------------------- 1. resume after SIGKILL
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    train = {"max_steps": 24, "checkpoint_every": 4, "keep_checkpoints": 2}
+    # dropout + input noise + shuffled data: exact equality needs RNG, data position and Adam state restored
+    toy = {"dropout": 0.2, "input_noise": 0.1, "step_sleep": 0.06}
+    full = write_recipe(tmp_path / "full.yaml", tmp_path / "full", train, {**toy, "step_sleep": 0.0})
+    killed = write_recipe(tmp_path / "killed.yaml", tmp_path / "killed", train, toy)
+    env = subprocess_env()
+    p_full = subprocess.Popen(cli(full), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p_kill = subprocess.Popen(cli(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        name = latest.read_text().strip() if latest.exists() else ""
+        if name and int(name.split("-")[1]) >= 8:
+            break
+        assert p_kill.poll() is None, p_kill.communicate()[0].decode()[-2000:]
+        time.sleep(0.02)
+    p_kill.send_signal(signal.SIGKILL)
+    p_kill.wait(timeout=30)
+    assert p_kill.returncode == -signal.SIGKILL
+    killed_at = int(latest.read_text().strip().split("-")[1])
+    assert 8 <= killed_at < 24, "the kill must land before the end of training"
+    assert not (tmp_path / "killed" / "checkpoints" / "checkpoint-000024").exists()
+
+    out, _ = p_full.communicate(timeout=90)
+    assert p_full.returncode == 0, out.decode()[-3000:]
+    r = subprocess.run(cli(killed, "toy.step_sleep=0", "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "checkpoint-000024" / "trainer_state.json").read_text())
+    assert state["step"] == 24 and state["data_position"] == 24
+    assert max_diff(final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")) <= 1e-6
+    # keep_checkpoints=2: older ones pruned
+    names = [p.name for _, p in ckpt.list_checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert names == ["checkpoint-000020", "checkpoint-000024"]
+
+
+# --------------------------------------------------------------------------- 2. crash while writing
+
+
+CRASH_SNIPPET = textwrap.dedent(
+    """
+    import os, sys
+    import toy_method
+    from fastgen.trainers import checkpoint as ckpt, run
+    real = ckpt._finish_file
+    def dying(path):
+        real(path)
+        # the checkpoint of step 8 dies right after its first file (the weights) is on disk
+        if path.parent.name == ".tmp-checkpoint-000008" and path.name == ckpt.MODEL_FILE:
+            os._exit(17)
+    ckpt._finish_file = dying
+    run.main(sys.argv[1:])
+    """
+)
+
+
+def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path):
+    train = {"max_steps": 12, "checkpoint_every": 4, "eval_every": 2}
+    toy = {"dropout": 0.1, "input_noise": 0.1}
+    recipe = write_recipe(tmp_path / "crash.yaml", tmp_path / "crash", train, toy)
+    metrics = tmp_path / "crash" / "metrics.jsonl"
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH_SNIPPET, str(recipe)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=90
+    )
+    assert r.returncode == 17, r.stderr[-3000:]
+    cdir = tmp_path / "crash" / "checkpoints"
+    assert ckpt.read_latest(cdir) == "checkpoint-000004"
+    half = cdir / ".tmp-checkpoint-000008"
+    assert sorted(p.name for p in half.iterdir()) == [ckpt.MODEL_FILE]  # really half-written
+    assert not (cdir / "checkpoint-000008").exists()
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [2, 4, 6, 8]
+
+    # the previous checkpoint loads and resumes to the same weights as an uninterrupted run
+    method, cfg = trun.load_method_from_run(tmp_path / "crash")
+    assert cfg.train.max_steps == 12
+    resumed = trun.prepare_run(recipe, [], "latest")[0]
+    resumed.train(resume="latest")
+    assert not half.exists(), "leftovers of the interrupted save are cleaned up"
+    # rows written after the resumed checkpoint were dropped, then written again: no duplicates
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
+    reference = run_inprocess(tmp_path, "reference", train, toy)
+    assert max_diff(final_weights(tmp_path / "crash"), final_weights(reference.run_dir)) <= 1e-6
+
+
+def test_latest_pointer_is_replaced_atomically_and_orphans_are_replaced(tmp_path):
+    cdir = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(cdir, 2, {"w": torch.ones(3)}, {"step": 2})
+    # a finished folder that `latest` does not name (kill between rename and pointer update)
+    tmp = ckpt.begin_checkpoint(cdir, 4)
+    ckpt.write_safetensors(tmp / ckpt.MODEL_FILE, {"w": torch.zeros(3)})
+    ckpt.write_json(tmp / ckpt.STATE_FILE, {"step": 4})
+    os.rename(tmp, cdir / "checkpoint-000004")
+    assert ckpt.find_checkpoint(tmp_path, "latest").name == "checkpoint-000002"
+    ckpt.save_checkpoint(cdir, 4, {"w": torch.full((3,), 7.0)}, {"step": 4})
+    assert ckpt.read_latest(cdir) == "checkpoint-000004"
+    assert float(ckpt.load_model_state(cdir / "checkpoint-000004")["w"][0]) == 7.0
+    assert not [p for p in cdir.iterdir() if p.name.startswith(".tmp-")]
+
+
+# --------------------------------------------------------------------------- 3. NaN guard
+
+
+def test_nan_guard_skips_steps_and_counts(tmp_path):
+    trainer = run_inprocess(
+        tmp_path, "nan", {"max_steps": 7, "checkpoint_every": 0}, {"nan_steps": [2, 3], "record": True, "dropout": 0.0}
+    )
+    hist = trainer.method.weight_history  # weights at the start of each iteration
+    assert trainer.skipped_nonfinite == 2 and trainer.nonfinite_in_row == 0
+    assert torch.equal(hist[3], hist[2]) and torch.equal(hist[4], hist[3])  # steps 2, 3 skipped
+    assert not torch.equal(hist[2], hist[1]) and not torch.equal(hist[5], hist[4])  # others step
+    assert trainer.method.ema.num_updates == 5  # after_optimizer_step not called when skipped
+    assert all(torch.isfinite(p).all() for p in trainer.method.parameters())
+    state = json.loads((trainer.last_checkpoint / ckpt.STATE_FILE).read_text())
+    assert state["skipped_nonfinite"] == 2
+
+
+def test_nan_guard_aborts_after_n_in_a_row(tmp_path):
+    with pytest.raises(NonFiniteLossError) as info:
+        run_inprocess(tmp_path, "nan", {"max_steps": 50, "max_nonfinite_in_row": 3}, {"nan_steps": list(range(4, 50))})
+    msg = str(info.value)
+    assert "step 6" in msg and "3 consecutive" in msg
+    assert "learning rate" in msg and "mixed_precision" in msg and "data" in msg
+
+
+# --------------------------------------------------------------------------- 4. clear errors
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "empty-run", {"max_steps": 3})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        trun.train(recipe, resume="latest")
+    msg = str(info.value)
+    assert str(tmp_path / "empty-run") in msg and "without --resume" in msg
+    assert not (tmp_path / "empty-run").exists(), "a failed resume writes nothing"
+    # same through the command line entry
+    assert trun.main([str(recipe), "--resume", "latest"]) == 2
+    assert "no finished checkpoint" in capsys.readouterr().err
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    run_inprocess(tmp_path, "done", {"max_steps": 2})
+    with pytest.raises(ConfigError, match="--resume latest"):
+        run_inprocess(tmp_path, "done", {"max_steps": 4})
+
+
+def test_load_method_from_run(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not a fastgen run folder: .*config.yaml' is missing"):
+        trun.load_method_from_run(tmp_path / "nothing")
+    # config.yaml but only an interrupted (temp) checkpoint
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "partial", {"max_steps": 2})
+    trun.prepare_run(recipe)
+    (tmp_path / "partial" / "checkpoints" / ".tmp-checkpoint-000002").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        trun.load_method_from_run(tmp_path / "partial")
+    msg = str(info.value)
+    assert str(tmp_path / "partial") in msg and "no finished checkpoint" in msg and "checkpoint_every" in msg
+
+    trainer = run_inprocess(tmp_path, "ok", {"max_steps": 3})
+    method, cfg = trun.load_method_from_run(trainer.run_dir)
+    assert type(method).__name__ == "ToyMethod" and not method.training and cfg.train.max_steps == 3
+    assert max_diff(method.checkpoint_state_dict(), trainer.method.checkpoint_state_dict()) == 0.0
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-000099"):
+        trun.load_method_from_run(trainer.run_dir, "checkpoint-000099")
+
+
+# --------------------------------------------------------------------------- 5. gradient accumulation
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    toy = {"dropout": 0.0, "input_noise": 0.0, "num_items": 48}
+    accum = run_inprocess(tmp_path, "accum", {"max_steps": 5, "batch_size": 4, "gradient_accumulation_steps": 2}, toy)
+    big = run_inprocess(tmp_path, "big", {"max_steps": 5, "batch_size": 8}, toy)
+    small = run_inprocess(tmp_path, "small", {"max_steps": 5, "batch_size": 4}, toy)
+    a, b, c = (final_weights(t.run_dir) for t in (accum, big, small))
+    assert max_diff(a, b) <= 1e-6
+    assert max_diff(a, c) > 1e-4  # accumulation really used both micro-batches
+    assert accum.data_position == 10 and big.data_position == 5
+
+
+def test_two_optimizers_alternate(tmp_path):
+    trainer = run_inprocess(
+        tmp_path, "two", {"max_steps": 5, "learning_rates": {"body": 0.05}}, {"two_groups": True, "record": True}
+    )
+    m = trainer.method
+    n_body = sum(p.numel() for p in m.body.parameters())
+    hist = m.weight_history
+    for step in range(4):
+        body_changed = not torch.equal(hist[step + 1][:n_body], hist[step][:n_body])
+        head_changed = not torch.equal(hist[step + 1][n_body:], hist[step][n_body:])
+        assert head_changed and body_changed == (step % 2 == 0), step
+    assert trainer.optimizers["body"].param_groups[0]["lr"] == 0.05
+    assert trainer.optimizers["head"].param_groups[0]["lr"] == 0.01
+    with pytest.raises(ConfigError, match="did you mean 'body'"):
+        run_inprocess(tmp_path, "two-bad", {"max_steps": 1, "learning_rates": {"bdy": 0.05}}, {"two_groups": True})
+
+
+# --------------------------------------------------------------------------- 6. DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# about 10 s (two process start-ups): part of the default suite
+def test_ddp_two_processes_average_gradients_over_sharded_data(tmp_path, monkeypatch):
+    train = {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 2, "checkpoint_every": 2, "sample_every": 2, "eval_every": 2}
+    toy = {"dropout": 0.0, "input_noise": 0.0, "record": True, "num_items": 48}
+    recipe = write_recipe(tmp_path / "ddp.yaml", tmp_path / "ddp", train, toy)
+    out = tmp_path / "ddp-out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(TESTS / "ddp_train_script.py"), str(recipe), str(out),
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(str(out / f"weights-rank{i}.safetensors")) for i in (0, 1))
+    seen0, seen1 = (json.loads((out / f"seen-rank{i}.json").read_text()) for i in (0, 1))
+    assert seen0["world_size"] == seen1["world_size"] == 2
+    assert max_diff(w0, w1) == 0.0  # ranks end identical
+    for a, b in zip(seen0["seen"], seen1["seen"]):
+        assert not set(a) & set(b)  # each micro-batch: disjoint shards
+
+    # averaged gradients == one process on the global batch (4 per rank x 2 ranks, 2 micro-batches)
+    glob = run_inprocess(tmp_path, "global", {**train, "batch_size": 8}, toy)
+    assert max_diff(w0, glob.method.checkpoint_state_dict()) <= 1e-5
+    assert [sorted(a + b) for a, b in zip(seen0["seen"], seen1["seen"])] == [sorted(s) for s in glob.method.seen]
+
+    # ... and != one process training on rank 0's shard alone
+    monkeypatch.setattr(tbase, "ShardedBatchSampler", lambda n, b, w, r, **kw: ShardedBatchSampler(n, b, 2, 0, **kw))
+    alone = run_inprocess(tmp_path, "rank0-alone", train, toy)
+    assert alone.method.seen == seen0["seen"]
+    assert max_diff(w0, alone.method.checkpoint_state_dict()) > 1e-4
+
+    cdir = tmp_path / "ddp" / "checkpoints"
+    assert ckpt.read_latest(cdir) == "checkpoint-000004"
+    assert {"rng.pt", "rng-rank1.pt"} <= {p.name for p in (cdir / "checkpoint-000004").iterdir()}
+    assert (tmp_path / "ddp" / "samples" / "step-000004.png").is_file()
+
+
+# --------------------------------------------------------------------------- 7. run folder contents
+
+
+def test_samples_metrics_config_and_tensorboard(tmp_path):
+    trainer = run_inprocess(
+        tmp_path, "full",
+        {"max_steps": 6, "sample_every": 3, "eval_every": 3, "checkpoint_every": 2, "keep_checkpoints": 2, "log_with": "tensorboard", "log_every": 2},
+    )
+    run_dir = trainer.run_dir
+    from PIL import Image
+
+    for step in (3, 6):
+        img = Image.open(run_dir / "samples" / f"step-{step:06d}.png")
+        assert img.size == (4 * 10 + 2, 10 + 2)  # 4 default prompts of 8x8 images, 2px padding
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and all(r["eval_mse"] > 0 for r in rows)
+    text = (run_dir / "config.yaml").read_text()
+    assert text.startswith("method: toy\n")
+    saved = yaml.safe_load(text)
+    assert saved["train"]["max_steps"] == 6 and "toy" in saved
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert [p.name for _, p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["checkpoint-000004", "checkpoint-000006"]
+    # sampling/evaluation must not disturb training randomness: same weights without them
+    plain = run_inprocess(tmp_path, "plain", {"max_steps": 6})
+    assert max_diff(final_weights(run_dir), final_weights(plain.run_dir)) == 0.0
+
+
+def test_unknown_keys_get_suggestions(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "x")
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        trun.load_run_config(recipe, ["train.max_stepz=3"])
+    with pytest.raises(ConfigError, match="did you mean 'toy.dropout'"):
+        trun.load_run_config(recipe, ["toy.dropot=0.5"])
+    cfg, cls = trun.load_run_config("toy", ["train.max_steps=3", "toy.hidden=8"])
+    assert cls.name == "toy" and cfg.train.max_steps == 3 and cfg.toy.hidden == 8 and cfg.output_dir == "runs/toy"
+    with pytest.raises(ConfigError, match="unknown method 'tyo'; did you mean 'toy'"):
+        trun.load_run_config("tyo")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        trun.load_run_config("toy", ["train.batch_size=0"])
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_sampler_is_deterministic_sharded_and_resumable():
+    s = ShardedBatchSampler(10, 2, world_size=2, rank=0, seed=3)
+    t = ShardedBatchSampler(10, 2, world_size=2, rank=1, seed=3)
+    assert s.batches_per_epoch == 2
+    epoch0 = s.indices(0) + t.indices(0) + s.indices(1) + t.indices(1)
+    assert len(set(epoch0)) == 8  # one epoch: no repeats (tail of 2 dropped)
+    assert s.indices(2) != s.indices(0)  # a new permutation per epoch
+    it = iter(ShardedBatchSampler(10, 2, 2, 0, seed=3, start=3))
+    assert next(it) == s.indices(3)
+    with pytest.raises(Exception, match="fewer than one global micro-batch"):
+        ShardedBatchSampler(3, 2, world_size=2)
+
+
+def test_lr_schedules():
+    f = lr_lambda("constant_with_warmup", 4, 100)
+    assert [f(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    g = lr_lambda("cosine", 0, 10)
+    assert g(0) == 1.0 and abs(g(5) - 0.5) < 1e-9 and g(10) == 0.0
+    assert lr_lambda("linear", 0, 10)(5) == 0.5 and lr_lambda("constant", 5, 10)(0) == 1.0
+
+
+def test_rng_state_roundtrip_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.capture_rng_state()
+    ckpt.write_torch(tmp_path / "rng.pt", state)
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.restore_rng_state(ckpt.load_torch(tmp_path / "rng.pt"))  # weights_only=True
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_ema_helper():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.5)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update()
+    assert torch.allclose(ema.shadow["weight"], before + 1.0)
+    state = ema.state_dict("ema.")
+    assert set(state) == {"ema.shadow.weight", "ema.shadow.bias", "ema.num_updates"}
+    other = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(state, "ema.")
+    assert other.num_updates == 1 and torch.equal(other.shadow["weight"], ema.shadow["weight"])
+    with ema.swapped():
+        assert torch.allclose(net.weight, before + 1.0)
+    assert torch.allclose(net.weight, before + 2.0)
+    t = [torch.zeros(2)]
+    ema_update_(t, [torch.ones(2)], decay=0.75)
+    assert torch.allclose(t[0], torch.full((2,), 0.25))
+    assert EMA(net, decay=0.999, warmup=True).current_decay() == pytest.approx(0.1)
