@@ -49,7 +49,7 @@ class StageSteps:
     vae: int = 1000
     vae_f2: int = 1000
     unet: int = 1200
-    dit: int = 1500
+    dit: int = 3000
 
 
 @dataclass
@@ -63,6 +63,8 @@ class BuildConfig:
     dit_batch: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
+    #: teacher stages whose learning rate decays (cosine, to 10%) after warm-up instead of staying constant
+    cosine_decay: list[str] = field(default_factory=lambda: ["dit"])
 
     def __post_init__(self):
         if self.quick:
@@ -71,6 +73,21 @@ class BuildConfig:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def _teacher_lr_lambda(total: int, cosine: bool, warmup: int = 50):
+    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    import math
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
 
 
 def _seed(seed: int) -> torch.Generator:
@@ -385,7 +402,7 @@ def build_unet(out: Path, vae, tokenizer, text_encoder, cfg: BuildConfig):
     unet = make_unet(text_encoder.config.hidden_size)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.unet, "unet" in cfg.cosine_decay))
     unet.train()
     losses = []
     for step in tqdm(range(cfg.steps.unet), desc="unet teacher", mininterval=5):
@@ -457,7 +474,7 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
     model = make_flux(text_encoder.config.hidden_size)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.dit, "dit" in cfg.cosine_decay))
     model.train()
     losses = []
     for step in tqdm(range(cfg.steps.dit), desc="dit teacher", mininterval=5):
