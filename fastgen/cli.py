@@ -61,6 +61,42 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from fastgen.trainers.run import train
+
+    recipe = args.config or args.method
+    if args.config and args.method:
+        from fastgen.trainers.run import load_run_config
+
+        _, method_cls = load_run_config(args.config, args.overrides)
+        if method_cls.name != args.method:
+            from fastgen.errors import ConfigError
+
+            raise ConfigError(f"recipe {args.config} is for method '{method_cls.name}', not '{args.method}'; "
+                              f"run `fastgen train {method_cls.name} --config {args.config}`")
+    run_dir = train(recipe, args.overrides, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _export(args) -> int:
+    from fastgen.pipelines import export_run
+
+    out = export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} ({args.checkpoint}) -> {out}")
+    return 0
+
+
+def _sample(args) -> int:
+    from fastgen.pipelines.sampling import load_exported, sample_grid
+
+    pipe, kind = load_exported(args.folder)
+    path = sample_grid(pipe, args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                       num_images=args.num_images, out=args.out, height=args.height, width=args.width)
+    print(f"{kind}: {len(args.prompt) * args.num_images} images, {args.steps} steps -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen", description="Distil diffusion teachers into few-step students.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--root", default=None)
     w.set_defaults(fn=_zoo_where)
 
+    t = sub.add_parser("train", help="train a student: fastgen train lcd --config fastgen/recipes/lcd-digits.yaml")
+    t.add_argument("method", nargs="?", default=None, help="method name (lcd, ...) or packaged recipe name (lcd-digits)")
+    t.add_argument("--config", default=None, help="recipe YAML (method, output_dir, train:, <method>: sections)")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from 'latest' or a checkpoint folder")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 lcd.w_max=6")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("export", help="export a run as a diffusers pipeline folder (or LoRA weights)")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--checkpoint", default="latest")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=_export)
+
+    s = sub.add_parser("sample", help="sample an exported folder with stock diffusers")
+    s.add_argument("folder")
+    s.add_argument("--prompt", action="append", required=True)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--guidance", type=float, default=None, help="pipeline guidance_scale (default: the folder's recommendation)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--out", default="samples.png")
+    s.set_defaults(fn=_sample)
+
     d = sub.add_parser("demo", help="the digits-world demo")
     d.add_argument("--samples", type=int, default=1000)
     d.add_argument("--steps", type=int, default=50)
@@ -100,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fastgen.errors import FastgenError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may come after options (`train lcd --config r.yaml a=1 --resume b=2`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except FastgenError as e:
