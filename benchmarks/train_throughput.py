@@ -1,0 +1,993 @@
+"""Training throughput of the LCD step: samples/s and peak memory, full and LoRA mode.
+
+Usage::
+
+    python benchmarks/train_throughput.py [--quick] [--out benchmarks/results] [--device cpu|cuda] [--repeats N]
+
+Writes ``<out>/train_throughput.json`` (``protocol`` + ``rows`` + ``comparisons`` + ``skipped``) and
+``<out>/train_throughput.md``, both atomically.
+
+Configurations: teacher x mode x variant.
+
+* teachers: ``digits`` (the shipped ``sd-digits`` teacher, 32 px) and ``sd15-arch``: a
+  ``StableDiffusionPipeline`` built once in a temp folder from configs alone (random weights)
+  whose UNet has the real SD1.5 config (block_out_channels 320/640/1280/1280, 3 x
+  CrossAttnDownBlock2D + DownBlock2D, UpBlock2D + 3 x CrossAttnUpBlock2D, layers_per_block 2,
+  cross_attention_dim 768, attention_head_dim 8; 859.5M parameters) at ``sample_size`` 16,
+  the SD1.5 VAE architecture (factor 8, so 16x16 latents = 128 px), a CLIP-L-shaped text encoder
+  (hidden 768, 12 layers) over the shipped digits tokenizer, and the digits DDIM scheduler (the
+  SD1.5 betas). ``--quick`` replaces it with ``sd15-arch-mini``: the same block structure at
+  widths 32/64/64/64 with a 1-layer text encoder and a narrow VAE.
+* modes: ``full`` (student + EMA target) and ``lora`` (peft adapters on the teacher UNet).
+* variants, run one after the other on the same LCD object:
+  - ``batched``: the shipped step; ``Teacher.predict`` runs uncond and cond as ONE forward of
+    batch 2B.
+  - ``separate``: the baseline without batched CFG. :func:`separate_cond_uncond` replaces
+    ``predict`` on this teacher *instance* (an instance attribute; the class is untouched and the
+    attribute is deleted afterwards) by a copy of its CFG branch that calls ``Teacher.forward``
+    twice, uncond (batch B) then cond (batch B); the guidance combination ``u + w (c - u)`` and
+    the x0/eps conversion are the same as in ``predict``.
+  - ``cached``: the ``use_latent_cache`` path: the step's images and captions are first encoded
+    by ``LCD.build_cache`` into an ``EmbeddingCache`` (VAE latents + text hidden states) and
+    the batches come from that cache, so the step runs no VAE encode and no text encoder (the
+    rows count both per step to show it). The one-off encoding time is ``cache_build_s``.
+
+Per teacher x mode, ``--prime`` unmeasured steps of every variant run first (first-use allocations
+then land in no variant's numbers). Per variant: ``warmup`` steps, then ``repeats`` timed steps; one step = ``zero_grad`` +
+``LCD.train_step`` + ``backward`` + ``AdamW.step`` (plain AdamW over ``parameter_groups()``) +
+``after_optimizer_step`` (the EMA update in full mode), timed with ``time.perf_counter``
+(``torch.cuda.synchronize`` around it on GPU). ``sec_per_step_median`` is the median over the
+timed steps and ``samples_per_s = batch / median``. Batches are built before timing (pixels +
+captions, or cached latents + hidden states) and cycle over a small pool.
+
+Memory (``peak_mem_mb``): the peak over the variant's warm-up and timed steps minus the memory
+right before them (so activations, gradients, AdamW state and temporaries; weights that exist
+before the first step are in ``mem_baseline_mb``; ``peak_mem_total_mb`` is the absolute peak).
+CPU: the kernel's resident-set high-water mark ``VmHWM`` of ``/proc/self/status``, reset with
+``/proc/self/clear_refs`` (``5``) after ``gc.collect()`` and ``malloc_trim(0)`` before each variant;
+without ``/proc`` it falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which cannot be
+reset (then only the first variant of a process is a clean number; ``mem_method`` says which was
+used). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+
+Each teacher x mode runs in its own Python subprocess (a clean heap for the memory numbers, and a
+config that runs out of memory is recorded as failed instead of ending the run); the variants of
+one teacher x mode run in the same process, so their ratios (``speedup_vs_batched``,
+``comparisons``) come from the same process, side by side. Before starting a process the
+benchmark estimates its memory need from the weight files; a full-mode config whose float32
+estimate does not fit the available memory runs with a bfloat16 teacher UNet
+(``--teacher-dtype auto``, the default; the row says which dtype ran), and one that does not fit
+at all is listed under ``skipped``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULT_NAME = "train_throughput"
+VARIANTS = ("batched", "separate", "cached")
+MODES = ("full", "lora")
+TEACHERS = ("digits", "sd15-arch")
+#: A config runs (in float32) only when its memory estimate is below this share of the available memory.
+MEMORY_HEADROOM = 0.95
+ROW_KEYS = ("teacher", "mode", "variant", "batch", "sec_per_step_median", "samples_per_s", "peak_mem_mb", "device")
+MD_COLUMNS = [
+    "teacher",
+    "mode",
+    "variant",
+    "batch",
+    "resolution",
+    "teacher_dtype",
+    "sec_per_step_median",
+    "samples_per_s",
+    "speedup_vs_batched",
+    "peak_mem_mb",
+    "peak_mem_total_mb",
+    "teacher_unet_calls_per_step",
+    "vae_encoder_calls_per_step",
+    "text_encoder_calls_per_step",
+    "device",
+]
+
+#: The real SD1.5 UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), random weights.
+SD15_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+}
+#: The SD1.5 VAE architecture (factor 8).
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+#: CLIP ViT-L/14 text tower shape (SD1.5's text encoder), over the digits tokenizer's vocabulary.
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+
+#: ``--quick`` stand-in: same block structure and cross-attention dim, narrow widths.
+MINI_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64))
+MINI_VAE = dict(SD15_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+MINI_TEXT = {"hidden_size": 768, "intermediate_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12}
+
+
+def sd15_unet_config(sample_size: int = 16, mini: bool = False) -> dict[str, Any]:
+    """Keyword arguments of ``UNet2DConditionModel`` for the SD1.5-architecture teacher (or the mini stand-in)."""
+    return dict(MINI_UNET if mini else SD15_UNET, sample_size=int(sample_size))
+
+
+# =========================================================================== the measured pieces
+
+
+def _separate_predict(self, x_t, t, cond, uncond=None, guidance=1.0):
+    """``Teacher.predict`` with classifier-free guidance as TWO network calls (uncond, then cond).
+
+    Same result as the batched ``Teacher.predict``; only the CFG branch differs."""
+    import torch
+
+    from fastgen.diffusion import to_x0_eps
+    from fastgen.models import Teacher
+
+    use_cfg = uncond is not None and not (isinstance(guidance, (int, float)) and float(guidance) == 1.0)
+    if not use_cfg:
+        return Teacher.predict(self, x_t, t, cond, uncond, guidance)
+    b = x_t.shape[0]
+    t = self._timesteps(t, b, x_t.device)
+    out_u = self.forward(x_t, t, uncond.expand(b))
+    out_c = self.forward(x_t, t, cond.expand(b))
+    w = torch.as_tensor(guidance, device=out_c.device, dtype=out_c.dtype)
+    if w.ndim == 1:
+        w = w.view(-1, *([1] * (out_c.ndim - 1)))
+    out = out_u + w * (out_c - out_u)
+    compute = torch.promote_types(x_t.dtype, torch.float32)
+    alpha, sigma = self.schedule.alpha_sigma(t)
+    alpha = alpha.to(device=x_t.device, dtype=compute)
+    sigma = sigma.to(device=x_t.device, dtype=compute)
+    x0, eps = to_x0_eps(out.to(compute), x_t.to(compute), alpha, sigma, self.prediction_type)
+    return x0.to(x_t.dtype), eps.to(x_t.dtype)
+
+
+@contextlib.contextmanager
+def separate_cond_uncond(teacher):
+    """Inside this block ``teacher.predict`` runs uncond and cond as two forwards (the no-batching baseline).
+
+    Patches this instance only (an instance attribute shadowing the class method), removed on exit."""
+    if "predict" in vars(teacher):
+        raise RuntimeError("teacher.predict is already patched on this instance")
+    teacher.predict = types.MethodType(_separate_predict, teacher)
+    try:
+        yield teacher
+    finally:
+        del teacher.predict
+
+
+class CallCounter:
+    """Forward hooks counting, per step, the teacher-role calls of the teacher's UNet (with their batch
+    sizes), all calls of that UNet module, VAE-encoder calls and text-encoder calls.
+
+    In LoRA mode the teacher's UNet is also the student and the target; a call is a teacher call when
+    the adapters are disabled (``LCD.adapters_disabled``), which is how ``compute_loss`` runs the teacher."""
+
+    def __init__(self, method) -> None:
+        teacher = method.teacher
+        tuners = list(getattr(method, "_tuner_layers", [])) if method.is_lora else []
+        self.steps: list[dict[str, Any]] = []
+        self._cur: dict[str, Any] = self._empty()
+
+        def on_unet(module, args, output):
+            self._cur["unet_calls"] += 1
+            if not tuners or tuners[0].disable_adapters:
+                self._cur["teacher_rows"].append(int(args[0].shape[0]))
+
+        def on_vae(module, args, output):
+            self._cur["vae"] += 1
+
+        def on_text(module, args, output):
+            self._cur["text"] += 1
+
+        self._handles = [teacher.net.register_forward_hook(on_unet), teacher.vae.encoder.register_forward_hook(on_vae)]
+        self._handles += [enc.register_forward_hook(on_text) for enc in teacher.text_encoders]
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"unet_calls": 0, "teacher_rows": [], "vae": 0, "text": 0}
+
+    def next_step(self) -> None:
+        self.steps.append(self._cur)
+        self._cur = self._empty()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summary(self) -> dict[str, Any]:
+        """Per-step counts (they must be the same every step; ``calls_consistent`` says whether they were)."""
+        if not self.steps:
+            return {}
+        first = self.steps[0]
+        same = all(
+            (s["unet_calls"], s["teacher_rows"], s["vae"], s["text"])
+            == (first["unet_calls"], first["teacher_rows"], first["vae"], first["text"])
+            for s in self.steps
+        )
+        return {
+            "teacher_unet_calls_per_step": len(first["teacher_rows"]),
+            "teacher_unet_rows_per_call": list(first["teacher_rows"]),
+            "unet_module_calls_per_step": first["unet_calls"],
+            "vae_encoder_calls_per_step": first["vae"],
+            "text_encoder_calls_per_step": first["text"],
+            "calls_consistent": same,
+        }
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # not glibc
+        pass
+
+
+class MemoryWindow:
+    """Peak memory over a window: ``start()`` before the steps, ``stop()`` after (see the module docstring)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.method = ""
+        self.base_mb = 0.0
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            self.method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+            return
+        _malloc_trim()
+        reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            reset = _status_kb("VmHWM") is not None
+        except OSError:
+            reset = False
+        if reset:
+            self.method = "VmHWM (/proc/self/status) reset via /proc/self/clear_refs=5; baseline VmRSS"
+            self.base_mb = (_status_kb("VmRSS") or 0) / 1024
+        else:
+            self.method = "resource.getrusage(RUSAGE_SELF).ru_maxrss (not resettable); baseline psutil rss"
+            try:
+                import psutil
+
+                self.base_mb = psutil.Process().memory_info().rss / 2**20
+            except ImportError:
+                self.method = "resource.getrusage(RUSAGE_SELF).ru_maxrss (not resettable); baseline ru_maxrss"
+                self.base_mb = _ru_maxrss_mb()
+
+    def stop(self) -> tuple[float, float]:
+        """``(peak - baseline, peak)`` in MiB."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.method.startswith("VmHWM"):
+            peak = (_status_kb("VmHWM") or 0) / 1024
+        else:
+            peak = _ru_maxrss_mb()
+        return max(peak - self.base_mb, 0.0), peak
+
+
+def _ru_maxrss_mb() -> float:
+    import resource
+
+    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return v / 2**20 if sys.platform == "darwin" else v / 1024
+
+
+def train_iteration(method, optimizer, batch: dict[str, Any], step: int) -> float:
+    """One optimisation step as the trainer runs it (without accelerate): returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    out = method.train_step(batch, step)
+    loss = out.losses["student"]
+    loss.backward()
+    optimizer.step()
+    method.after_optimizer_step("student", step)
+    return float(loss.detach())
+
+
+def make_optimizer(method, lr: float = 1e-5):
+    """Plain AdamW (the trainer's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) over the method's groups."""
+    import torch
+
+    groups = [{"params": list(ps), "name": n} for n, ps in method.parameter_groups().items()]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def prime_variants(method, variants, batches_for, steps: int = 1) -> None:
+    """Unmeasured steps of every variant before any measurement, so one-off first-use allocations (kernel
+    and primitive caches, lazy buffers, allocator growth) do not land in the first measured variant."""
+    if steps <= 0:
+        return
+    optimizer = make_optimizer(method)
+    for variant in variants:
+        ctx = separate_cond_uncond(method.teacher) if variant == "separate" else contextlib.nullcontext()
+        batches = batches_for(variant)
+        with ctx:
+            for i in range(steps):
+                train_iteration(method, optimizer, batches[i % len(batches)], i)
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    gc.collect()
+
+
+def measure_variant(
+    method,
+    variant: str,
+    batches: list[dict[str, Any]],
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Warm-up + timed steps of one variant on ``method``; returns the measured fields of a row."""
+    import torch
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    device = method.teacher.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(seed)
+    optimizer = make_optimizer(method)
+    mem = MemoryWindow(device)
+    ctx = separate_cond_uncond(method.teacher) if variant == "separate" else contextlib.nullcontext()
+    times: list[float] = []
+    losses: list[float] = []
+    step = 0
+    mem.start()
+    with ctx:
+        counter = CallCounter(method)
+        try:
+            for _ in range(max(warmup, 1)):  # at least one counted step
+                losses.append(train_iteration(method, optimizer, batches[step % len(batches)], step))
+                counter.next_step()
+                step += 1
+        finally:
+            counter.close()
+        for _ in range(repeats):
+            batch = batches[step % len(batches)]
+            sync()
+            t0 = time.perf_counter()
+            losses.append(train_iteration(method, optimizer, batch, step))
+            sync()
+            times.append(time.perf_counter() - t0)
+            step += 1
+    delta_mb, peak_mb = mem.stop()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    gc.collect()
+    median = statistics.median(times)
+    b = len(batches[0]["caption"])
+    row = {
+        "variant": variant,
+        "batch": b,
+        "warmup": max(warmup, 1),
+        "repeats": repeats,
+        "sec_per_step_median": median,
+        "sec_per_step_min": min(times),
+        "sec_per_step_max": max(times),
+        "sec_per_step_all": [round(t, 6) for t in times],
+        "samples_per_s": b / median,
+        "peak_mem_mb": round(delta_mb, 2),
+        "peak_mem_total_mb": round(peak_mb, 2),
+        "mem_baseline_mb": round(mem.base_mb, 2),
+        "mem_method": mem.method,
+        "loss_last": losses[-1],
+    }
+    row.update(counter.summary())
+    return row
+
+
+# =========================================================================== teachers
+
+
+def build_sd15_pipeline(folder: str | os.PathLike, sample_size: int = 16, mini: bool = False, seed: int = 0) -> Path:
+    """Save a random-weight ``StableDiffusionPipeline`` with the SD1.5 UNet/VAE/text-encoder architecture
+    (or the ``mini`` stand-in) into ``folder``; tokenizer and scheduler come from the shipped digits teacher."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from fastgen.zoo.paths import resolve_model
+
+    digits = resolve_model("digits-sd")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(os.fspath(digits / "tokenizer"))
+    base = CLIPTextConfig.from_pretrained(os.fspath(digits / "text_encoder"))
+    text_cfg = CLIPTextConfig(
+        vocab_size=max(int(base.vocab_size), len(tokenizer)),
+        max_position_embeddings=int(tokenizer.model_max_length),
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+        **(MINI_TEXT if mini else SD15_TEXT),
+    )
+    text_encoder = CLIPTextModel(text_cfg)
+    unet = UNet2DConditionModel(**sd15_unet_config(sample_size, mini))
+    vae = AutoencoderKL(**dict(MINI_VAE if mini else SD15_VAE, sample_size=int(sample_size) * 8))
+    scheduler = DDIMScheduler.from_pretrained(os.fspath(digits / "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(os.fspath(folder), safe_serialization=True)
+    return folder
+
+
+def _weights_bytes(folder: Path) -> dict[str, int]:
+    out = {}
+    for sub in ("unet", "text_encoder", "vae"):
+        out[sub] = sum(p.stat().st_size for p in (folder / sub).glob("*.safetensors"))
+    return out
+
+
+def estimate_memory_bytes(folder: Path, mode: str, teacher_dtype: str) -> int:
+    """Rough peak need of one teacher x mode process (CPU RSS or GPU allocation), from the weight files.
+
+    full: teacher UNet + student + EMA target + gradients + AdamW m and v (5 float32 UNet copies besides
+    the teacher); lora: one UNet plus adapters/optimizer/activations allowance. Plus the encoders, an
+    activation allowance of 15% of the UNet and 0.8 GB of runtime."""
+    w = _weights_bytes(folder)
+    u = w["unet"]
+    teacher = 0.5 if teacher_dtype in ("bfloat16", "float16") else 1.0
+    copies = teacher + 5.0 if mode == "full" else teacher + 0.35
+    return int(u * copies + w["text_encoder"] + w["vae"] + 0.15 * u + 0.8e9)
+
+
+def _available_bytes(device: str) -> int | None:
+    if device == "cuda":  # nvidia-smi, so that this process never holds a CUDA context of its own
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+            return int(float(out.strip().splitlines()[0]) * 2**20)
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+# =========================================================================== worker (one teacher x mode)
+
+
+def _collate_pixels(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {"pixels": torch.stack([it["pixels"] for it in items]), "caption": [it["caption"] for it in items]}
+
+
+def _collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    out = {"latents": torch.stack([it["latents"] for it in items]), "caption": [it["caption"] for it in items]}
+    for key in ("hidden", "pooled"):
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
+    return out
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def environment(device) -> dict[str, Any]:
+    """Device, versions and threads of this process."""
+    import diffusers
+    import torch
+
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure every variant of one teacher x mode (``spec``: teacher, folder, mode, batch, warmup,
+    repeats, device, teacher_dtype, pool_batches, work_dir, lora_rank). Returns rows + environment."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    from fastgen.data.digits import DigitsDataset
+    from fastgen.trainers.lcd import LCD, LCDConfig
+
+    device = torch.device(spec["device"])
+    cache_dir = Path(spec["work_dir"]) / f"cache-{spec['teacher']}-{spec['mode']}"
+    t0 = time.perf_counter()
+    method = LCD(
+        LCDConfig(
+            teacher=os.fspath(spec["folder"]),
+            lora=spec["mode"] == "lora",
+            lora_rank=int(spec.get("lora_rank", 64)),
+            lora_alpha=float(spec.get("lora_rank", 64)),
+            teacher_dtype=spec["teacher_dtype"],
+            use_latent_cache=True,
+            cache_dir=os.fspath(cache_dir),
+            eval_samples=0,
+            seed=0,
+        )
+    )
+    method.to(device)
+    method.train()
+    setup_s = time.perf_counter() - t0
+
+    b = int(spec["batch"])
+    n_items = b * int(spec["pool_batches"])
+    data = DigitsDataset("train", method.resolution)
+    pool = torch.utils.data.Subset(data, list(range(n_items)))
+    pixel_batches = [
+        _to_device(_collate_pixels([pool[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
+    ]
+    t0 = time.perf_counter()
+    cache = method.build_cache(pool)
+    cache_build_s = time.perf_counter() - t0
+    cached_batches = [
+        _to_device(_collate_cached([cache[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
+    ]
+
+    unet_params = sum(p.numel() for n, p in method.teacher.net.named_parameters() if "lora_" not in n)
+    trainable = sum(p.numel() for ps in method.parameter_groups().values() for p in ps)
+    shape = method.teacher.latent_shape(b, method.resolution, method.resolution)
+    common = {
+        "teacher": spec["teacher"],
+        "mode": spec["mode"],
+        "resolution": method.resolution,
+        "latent_shape": list(shape[1:]),
+        "teacher_dtype": spec["teacher_dtype"],
+        "device": str(device),
+        "unet_params": unet_params,
+        "trainable_params": trainable,
+        "setup_s": round(setup_s, 3),
+        "cache_build_s": round(cache_build_s, 3),
+        "cache_items": len(cache),
+    }
+    variants = list(spec.get("variants", VARIANTS))
+
+    def batches_for(variant: str) -> list[dict[str, Any]]:
+        return cached_batches if variant == "cached" else pixel_batches
+
+    t0 = time.perf_counter()
+    prime_variants(method, variants, batches_for, int(spec.get("prime", 1)))
+    common["prime_s"] = round(time.perf_counter() - t0, 3)
+    rows = []
+    for variant in variants:
+        batches = batches_for(variant)
+        print(f"[train_throughput] {spec['teacher']} / {spec['mode']} / {variant}: "
+              f"{spec['warmup']} warm-up + {spec['repeats']} timed steps", file=sys.stderr, flush=True)
+        row = dict(common)
+        row.update(measure_variant(method, variant, batches, int(spec["warmup"]), int(spec["repeats"])))
+        rows.append(row)
+        print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step, {row['samples_per_s']:.3f} samples/s, "
+              f"peak +{row['peak_mem_mb']:.1f} MiB", file=sys.stderr, flush=True)
+    return {"rows": rows, "environment": environment(device)}
+
+
+# =========================================================================== orchestration
+
+
+def _run_child(job: dict[str, Any], work: Path, name: str) -> tuple[int, dict[str, Any] | None]:
+    spec_path = work / f"{name}.spec.json"
+    out_path = work / f"{name}.result.json"
+    spec_path.write_text(json.dumps(job, default=str), encoding="utf-8")
+    rc = subprocess.call([sys.executable, os.fspath(Path(__file__).resolve()), "--worker", os.fspath(spec_path),
+                          "--worker-out", os.fspath(out_path)], cwd=os.fspath(REPO))
+    result = json.loads(out_path.read_text(encoding="utf-8")) if rc == 0 and out_path.is_file() else None
+    return rc, result
+
+
+def _worker_main(spec_path: str, out_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    if spec.get("job") == "build_sd15":
+        build_sd15_pipeline(spec["folder"], int(spec["sample_size"]), bool(spec["mini"]))
+        result: dict[str, Any] = {"folder": spec["folder"]}
+    else:
+        result = run_config(spec)
+    Path(out_path).write_text(json.dumps(result, default=str), encoding="utf-8")
+    return 0
+
+
+def _rc_reason(rc: int) -> str:
+    if rc in (-9, 137):
+        return f"worker killed (exit {rc}, SIGKILL: most likely out of memory)"
+    return f"worker failed with exit code {rc} (its traceback is on stderr above)"
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Side-by-side ratios per teacher x mode (same process): batched vs separate, cached vs batched."""
+    out = []
+    keys = sorted({(r["teacher"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for teacher, mode in keys:
+        by = {r["variant"]: r for r in rows if r["teacher"] == teacher and r["mode"] == mode}
+        if "batched" not in by:
+            continue
+        bt = by["batched"]
+        entry: dict[str, Any] = {"teacher": teacher, "mode": mode}
+        if "separate" in by:
+            entry["batched_speedup_over_separate"] = by["separate"]["sec_per_step_median"] / bt["sec_per_step_median"]
+            entry["peak_mem_batched_over_separate"] = _ratio(bt["peak_mem_mb"], by["separate"]["peak_mem_mb"])
+        if "cached" in by:
+            entry["cache_speedup"] = bt["sec_per_step_median"] / by["cached"]["sec_per_step_median"]
+            entry["peak_mem_cached_over_batched"] = _ratio(by["cached"]["peak_mem_mb"], bt["peak_mem_mb"])
+        out.append(entry)
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    from fastgen.evaluation.reports import markdown_table
+
+    p = result["protocol"]
+    lines = [
+        "# LCD training-step throughput",
+        "",
+        f"Device: {p['device']} ({p['device_name']}); torch {p['torch']}, diffusers {p['diffusers']}; "
+        f"torch threads {p['torch_threads']} (OMP_NUM_THREADS={p['OMP_NUM_THREADS']}). "
+        f"{'Quick mode (smoke test, numbers not meaningful). ' if p['quick'] else ''}"
+        f"Generated {p['date']} by `{p['command']}`.",
+        "",
+        "One step = zero_grad + `LCD.train_step` + backward + AdamW step + `after_optimizer_step`; "
+        "median seconds/step over the timed steps after warm-up; samples/s = batch / median. "
+        "`peak_mem_mb` = peak over the variant's steps minus the memory just before them "
+        f"({p['memory']}). Variants: batched = one cond+uncond teacher forward (shipped); "
+        "separate = two teacher forwards (Teacher.predict patched on the instance); "
+        "cached = batches from the LCD latent/text-embedding cache (no VAE encode, no text encoder). "
+        "Variants of one teacher x mode ran side by side in one process.",
+        "",
+        markdown_table(result["rows"], MD_COLUMNS).rstrip("\n"),
+        "",
+    ]
+    if result["comparisons"]:
+        lines += [
+            "## Ratios (same process, side by side)",
+            "",
+            markdown_table(
+                result["comparisons"],
+                ["teacher", "mode", "batched_speedup_over_separate", "cache_speedup",
+                 "peak_mem_batched_over_separate", "peak_mem_cached_over_batched"],
+            ).rstrip("\n"),
+            "",
+        ]
+    notes = {(r["teacher"], r["mode"]): r["note"] for r in result["rows"] if r.get("note")}
+    if notes:
+        lines += ["## Notes", ""]
+        lines += [f"- {t} / {m}: {n}" for (t, m), n in notes.items()]
+        lines.append("")
+    if result["skipped"]:
+        lines += ["## Skipped or failed", ""]
+        lines += [f"- {s['teacher']} / {s['mode']}: {s['reason']}" for s in result["skipped"]]
+        lines.append("")
+    lines += ["## Teachers", ""]
+    lines += [f"- `{k}`: {v}" for k, v in p["teachers"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny repeats and the reduced-width SD1.5 stand-in (for tests)")
+    ap.add_argument("--out", default=os.fspath(REPO / "benchmarks" / "results"), help="output folder")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per variant, digits teacher (default 10; quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant, digits (default 2; quick 1)")
+    ap.add_argument("--sd15-repeats", type=int, default=None, help="timed steps per variant, SD1.5 arch (default 3; quick 2)")
+    ap.add_argument("--sd15-warmup", type=int, default=None, help="warm-up steps per variant, SD1.5 arch (default 1)")
+    ap.add_argument("--prime", type=int, default=1,
+                    help="unmeasured steps of every variant before the first measurement (default 1)")
+    ap.add_argument("--teachers", default=",".join(TEACHERS), help="comma list of digits, sd15-arch")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of full, lora")
+    ap.add_argument("--batch", type=int, default=None, help="batch of the digits teacher (default 16; quick 4)")
+    ap.add_argument("--sd15-batch", type=int, default=1, help="batch of the SD1.5-architecture teacher (default 1)")
+    ap.add_argument("--sd15-latent", type=int, default=16, help="latent size of the SD1.5-architecture teacher (16 = 128 px)")
+    ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--teacher-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="teacher UNet dtype; auto = float32 unless a config's float32 estimate exceeds free memory")
+    ap.add_argument("--no-memory-check", action="store_true", help="run configs even when the memory estimate does not fit")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers (default: torch's)")
+    ap.add_argument("--work-dir", default=None, help="where the temp SD1.5 pipeline and caches go (default: system temp)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for name in ("repeats", "warmup", "sd15_repeats", "sd15_warmup", "batch", "sd15_batch", "sd15_latent", "lora_rank"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if "warmup" in name else 1):
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return _worker_main(args.worker, args.worker_out)
+
+    quick = bool(args.quick)
+    teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [t for t in teachers if t not in TEACHERS] + [m for m in modes if m not in MODES]
+    if bad or not teachers or not modes:
+        print(f"unknown or empty --teachers/--modes {bad}; teachers: {TEACHERS}, modes: {MODES}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+            return 2
+    from fastgen.zoo.paths import resolve_model  # no torch in this process while the workers run
+
+    settings = {
+        "digits": {
+            "batch": args.batch or (4 if quick else 16),
+            "warmup": args.warmup if args.warmup is not None else (1 if quick else 2),
+            "repeats": args.repeats or (2 if quick else 10),
+            "prime": args.prime,
+        },
+        "sd15-arch": {
+            "batch": args.sd15_batch,
+            "warmup": args.sd15_warmup if args.sd15_warmup is not None else 1,
+            "repeats": args.sd15_repeats or (2 if quick else 3),
+            "prime": args.prime,
+        },
+    }
+    teacher_notes = {
+        "digits": "the shipped sd-digits StableDiffusionPipeline (resolve_model('digits-sd')), 32 px, trained weights",
+        "sd15-arch": (
+            "StableDiffusionPipeline built from configs with random weights: UNet = the SD1.5 config "
+            "(320/640/1280/1280, 3xCrossAttnDown + Down, Up + 3xCrossAttnUp, layers_per_block 2, "
+            f"cross_attention_dim 768, attention_head_dim 8) at sample_size {args.sd15_latent}; SD1.5 VAE "
+            f"architecture (factor 8, {args.sd15_latent * 8} px); CLIP-L-shaped text encoder (768 wide, 12 layers) over "
+            "the digits tokenizer; digits DDIM scheduler (SD1.5 betas)"
+        ),
+        "sd15-arch-mini": (
+            "--quick stand-in for sd15-arch: same block types/layers/cross_attention_dim 768 at widths 32/64/64/64, "
+            "1-layer 768-wide text encoder, narrow factor-8 VAE; random weights"
+        ),
+    }
+
+    work = Path(tempfile.mkdtemp(prefix="fastgen-train-throughput-", dir=args.work_dir))
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    env: dict[str, Any] | None = None
+    failed = False
+    started = time.time()
+    try:
+        for teacher in teachers:
+            label = teacher
+            if teacher == "digits":
+                folder = resolve_model("digits-sd")
+            else:
+                label = "sd15-arch-mini" if quick else "sd15-arch"
+                folder = work / label
+                print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                rc, _ = _run_child(
+                    {"job": "build_sd15", "folder": os.fspath(folder), "sample_size": args.sd15_latent, "mini": quick},
+                    work,
+                    f"build-{label}",
+                )
+                if rc != 0:
+                    failed = True
+                    skipped += [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+                    continue
+                print(f"[train_throughput]   built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            s = settings[teacher]
+            for mode in modes:
+                dtype = "float32" if args.teacher_dtype == "auto" else args.teacher_dtype
+                avail = _available_bytes(args.device)
+                need = estimate_memory_bytes(folder, mode, dtype)
+                note = None
+                fits = avail * MEMORY_HEADROOM if avail is not None else None
+                if fits is not None and need > fits and not args.no_memory_check:
+                    if args.teacher_dtype == "auto":
+                        low = estimate_memory_bytes(folder, mode, "bfloat16")
+                        if low <= fits:
+                            note = (f"float32 estimate {need / 1e9:.1f} GB > {avail / 1e9:.1f} GB available: "
+                                    "teacher UNet in bfloat16")
+                            dtype, need = "bfloat16", low
+                    if need > fits:
+                        skipped.append({
+                            "teacher": label, "mode": mode,
+                            "reason": f"estimated {need / 1e9:.1f} GB needed, {avail / 1e9:.1f} GB available "
+                                      "(--no-memory-check runs it anyway; --teacher-dtype bfloat16 halves the teacher)",
+                        })
+                        print(f"[train_throughput] skip {label}/{mode}: {skipped[-1]['reason']}", file=sys.stderr)
+                        continue
+                job = {
+                    "job": "measure",
+                    "teacher": label,
+                    "folder": os.fspath(folder),
+                    "mode": mode,
+                    "batch": s["batch"],
+                    "warmup": s["warmup"],
+                    "repeats": s["repeats"],
+                    "prime": s["prime"],
+                    "device": args.device,
+                    "teacher_dtype": dtype,
+                    "pool_batches": max(1, min(4, s["warmup"] + s["repeats"])),
+                    "work_dir": os.fspath(work),
+                    "lora_rank": args.lora_rank,
+                    "threads": args.threads,
+                }
+                rc, result = _run_child(job, work, f"{label}-{mode}")
+                if rc != 0 or result is None:
+                    failed = True
+                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)})
+                    continue
+                env = env or result["environment"]
+                for row in result["rows"]:
+                    row["estimated_need_gb"] = round(need / 1e9, 2)
+                    if note:
+                        row["note"] = note
+                by_variant = {r["variant"]: r for r in result["rows"]}
+                base = by_variant.get("batched")
+                for row in result["rows"]:
+                    row["speedup_vs_batched"] = (
+                        base["sec_per_step_median"] / row["sec_per_step_median"] if base else None
+                    )
+                rows.extend(result["rows"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    if env is None:
+        import torch
+
+        env = {"device": args.device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu": _cpu_name()}
+        try:
+            import diffusers
+
+            env["diffusers"] = diffusers.__version__
+        except ImportError:
+            env["diffusers"] = None
+    mem_method = rows[0]["mem_method"] if rows else "n/a"
+    protocol = {
+        "benchmark": RESULT_NAME,
+        "quick": quick,
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_s": round(time.time() - started, 1),
+        "device": args.device,
+        "device_name": env.get("gpu") or env.get("cpu"),
+        **{k: env.get(k) for k in ("torch", "diffusers", "python", "torch_threads", "torch_interop_threads",
+                                    "OMP_NUM_THREADS", "cpu_count", "cuda")},
+        "settings": {(("sd15-arch-mini" if quick else "sd15-arch") if k == "sd15-arch" else k): v
+                     for k, v in settings.items()},
+        "step": "optimizer.zero_grad(set_to_none) + LCD.train_step + loss.backward + AdamW.step "
+                "(lr 1e-5, betas 0.9/0.999, eps 1e-8, wd 0) + LCD.after_optimizer_step; time.perf_counter per step "
+                "(cuda.synchronize before and after on GPU); batches prepared before timing",
+        "timing": "median seconds/step over the timed steps after the warm-up steps; samples/s = batch / median",
+        "memory": mem_method,
+        "memory_definition": "peak_mem_mb = peak over the variant's warm-up + timed steps minus the memory "
+                             "just before them; peak_mem_total_mb = that absolute peak",
+        "variants": {
+            "batched": "shipped LCD step: Teacher.predict runs uncond+cond as one forward of batch 2B",
+            "separate": "Teacher.predict replaced on the teacher instance by a version calling Teacher.forward "
+                        "twice (uncond batch B, then cond batch B); same CFG combination and x0/eps conversion",
+            "cached": "LCD.build_cache (the use_latent_cache path) encodes the step pool once; batches carry "
+                      "latents + hidden states, so the step skips the VAE encode and the text encoder",
+        },
+        "processes": "each teacher x mode in its own subprocess; first `prime` unmeasured steps of every variant, "
+                     "then the variants in order batched, separate, cached in that process (same LCD object, a fresh "
+                     "AdamW per variant, same seed per variant)",
+        "lora_rank": args.lora_rank,
+        "teachers": {k: v for k, v in teacher_notes.items()
+                     if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},
+    }
+    result = {"protocol": protocol, "rows": rows, "comparisons": comparisons(rows), "skipped": skipped}
+    from fastgen.evaluation.reports import atomic_write_text, write_json
+
+    out = Path(args.out)
+    write_json(out / f"{RESULT_NAME}.json", result)
+    atomic_write_text(out / f"{RESULT_NAME}.md", render_markdown(result))
+    print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')} and .md in {protocol['wall_s']} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

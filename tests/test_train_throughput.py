@@ -1,0 +1,152 @@
+"""benchmarks/train_throughput.py: the --quick run on the digits teacher (schema, positive throughput)
+and the behaviour the comparison rests on: the batched variant runs ONE teacher UNet forward per
+step (batch 2B), the separate baseline runs TWO (batch B each), the cached variant no VAE encode and
+no text encoder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-throughput")
+    rc = bench.main(["--quick", "--teachers", "digits", "--out", str(out), "--threads", "1"])
+    return rc, out
+
+
+def test_quick_run_schema_and_throughput(bench, quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    result = json.loads((out / "train_throughput.json").read_text())
+    md = (out / "train_throughput.md").read_text()
+    assert "| teacher | mode | variant |" in md
+
+    proto = result["protocol"]
+    assert proto["quick"] is True and proto["device"] == "cpu"
+    for key in ("torch", "torch_threads", "memory", "step", "timing", "variants"):
+        assert proto.get(key) not in (None, ""), key
+    assert proto["torch"] == torch.__version__
+    assert result["skipped"] == []
+
+    rows = result["rows"]
+    assert {(r["mode"], r["variant"]) for r in rows} == {(m, v) for m in ("full", "lora") for v in bench.VARIANTS}
+    assert len(rows) == 6
+    for r in rows:
+        for key in ("teacher", "mode", "variant", "batch", "sec_per_step_median", "samples_per_s", "peak_mem_mb", "device"):
+            assert key in r, (key, r)
+        assert r["teacher"] == "digits" and r["device"] == "cpu"
+        assert isinstance(r["batch"], int) and r["batch"] >= 1
+        assert r["sec_per_step_median"] > 0 and math.isfinite(r["sec_per_step_median"])
+        assert r["samples_per_s"] > 0 and math.isfinite(r["samples_per_s"])
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / r["sec_per_step_median"])
+        assert isinstance(r["peak_mem_mb"], (int, float)) and r["peak_mem_mb"] >= 0
+        assert r["peak_mem_total_mb"] >= r["peak_mem_mb"]
+        assert len(r["sec_per_step_all"]) == r["repeats"]
+        assert math.isfinite(r["loss_last"])
+
+    comps = {(c["teacher"], c["mode"]): c for c in result["comparisons"]}
+    assert set(comps) == {("digits", "full"), ("digits", "lora")}
+    for c in comps.values():
+        assert c["batched_speedup_over_separate"] > 0 and c["cache_speedup"] > 0
+
+
+def test_quick_run_counts_teacher_forwards(quick_run):
+    """Counted by the benchmark's forward hook on the teacher UNet during the warm-up steps."""
+    _, out = quick_run
+    rows = json.loads((out / "train_throughput.json").read_text())["rows"]
+    by = {(r["mode"], r["variant"]): r for r in rows}
+    for mode in ("full", "lora"):
+        b = by[(mode, "batched")]["batch"]
+        batched, separate, cached = by[(mode, "batched")], by[(mode, "separate")], by[(mode, "cached")]
+        for r in (batched, separate, cached):
+            assert r["calls_consistent"] is True
+        assert batched["teacher_unet_calls_per_step"] == 1
+        assert batched["teacher_unet_rows_per_call"] == [2 * b]
+        assert separate["teacher_unet_calls_per_step"] == 2
+        assert separate["teacher_unet_rows_per_call"] == [b, b]
+        assert cached["teacher_unet_calls_per_step"] == 1
+        # the cache removes the VAE encode and the text encoder from the step
+        assert batched["vae_encoder_calls_per_step"] == 1 and batched["text_encoder_calls_per_step"] >= 1
+        assert cached["vae_encoder_calls_per_step"] == 0 and cached["text_encoder_calls_per_step"] == 0
+    # full mode: the teacher UNet is its own module (student and target are copies)
+    assert by[("full", "batched")]["unet_module_calls_per_step"] == 1
+    # LoRA mode: the same UNet is teacher (adapters off), student and target: 1 + 1 + 1 vs 2 + 1 + 1
+    assert by[("lora", "batched")]["unet_module_calls_per_step"] == 3
+    assert by[("lora", "separate")]["unet_module_calls_per_step"] == 4
+
+
+def test_separate_baseline_with_own_hook(bench):
+    """An independent forward hook on the teacher UNet: one call of 2B rows per step, vs two of B rows
+    inside separate_cond_uncond; both give the same teacher prediction; the patch is removed on exit."""
+    from fastgen.models import Teacher
+    from fastgen.trainers.lcd import LCD, LCDConfig
+
+    torch.set_num_threads(1)
+    m = LCD(LCDConfig(teacher="digits-sd", eval_samples=0))
+    teacher = m.teacher
+    r, b = m.resolution, 3
+    batch = {"pixels": torch.rand(b, 3, r, r) * 2 - 1, "caption": ["a red handwritten digit seven"] * b}
+    opt = bench.make_optimizer(m)
+    sizes: list[int] = []
+    handle = teacher.net.register_forward_hook(lambda mod, args, out: sizes.append(int(args[0].shape[0])))
+    try:
+        bench.train_iteration(m, opt, batch, 0)
+        assert sizes == [2 * b]
+        sizes.clear()
+        with bench.separate_cond_uncond(teacher):
+            assert "predict" in vars(teacher)
+            bench.train_iteration(m, opt, batch, 1)
+        assert sizes == [b, b]
+        assert "predict" not in vars(teacher) and teacher.predict.__func__ is Teacher.predict
+
+        x = torch.randn(b, *teacher.latent_shape(1, r, r)[1:])
+        t = torch.tensor([999, 500, 20])
+        cond = teacher.encode_prompt(batch["caption"])
+        uncond = teacher.encode_prompt([""])
+        w = torch.tensor([6.0, 8.5, 16.0])
+        with torch.no_grad():
+            ref = teacher.predict(x, t, cond, uncond, guidance=w)
+            with bench.separate_cond_uncond(teacher):
+                sep = teacher.predict(x, t, cond, uncond, guidance=w)
+        # batch 2B vs B changes only float rounding (x0 at t=999 amplifies it by sigma/alpha ~ 15)
+        for a, c in zip(ref, sep):
+            torch.testing.assert_close(a, c, atol=3e-4, rtol=1e-4)
+    finally:
+        handle.remove()
+
+
+def test_sd15_arch_unet_config_is_sd15(bench):
+    """The SD1.5-architecture teacher's UNet, built on the meta device (no memory, no compute)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = bench.sd15_unet_config(16)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert list(unet.config.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert unet.config.layers_per_block == 2 and unet.config.cross_attention_dim == 768
+    assert unet.config.attention_head_dim == 8 and unet.config.sample_size == 16
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # stable-diffusion-v1-5's UNet
