@@ -44,20 +44,55 @@ def _zoo_where(args) -> int:
 
 
 def _demo(args) -> int:
-    from fastgen.zoo import paths
+    """The digits-world demo: teachers, then an LCD student trained, exported and reloaded."""
+    from pathlib import Path
+
     from fastgen.zoo.check import check
 
     t0 = time.time()
+    out = Path(args.out)
     print("== fastgen demo: the digits world ==")
     print("Shipped teachers (stock diffusers pipeline folders):")
     _zoo_where(args)
-    print(f"\nSampling both teachers and scoring {args.samples} images each (digits-FID, accuracy)...")
-    result = check(samples=args.samples, steps=args.steps, out_dir=args.out, root=args.root, name="digits_teachers", seed=0)
-    print()
-    print(open(os.path.join(args.out, "digits_teachers.md")).read())
-    print(f"grids: {args.out}/digits_teachers_unet_grid.png, {args.out}/digits_teachers_dit_grid.png")
+
+    print(f"\n[1/2] Sampling both teachers (50 steps, CFG) and scoring {args.samples} images each...")
+    check(samples=args.samples, steps=args.steps, out_dir=out, root=args.root, name="digits_teachers", seed=0)
+    print((out / "digits_teachers.md").read_text())
+    print(f"grids: {out}/digits_teachers_unet_grid.png, {out}/digits_teachers_dit_grid.png")
+    t_teachers = time.time() - t0
+    print(f"teachers done in {t_teachers:.0f} s")
+    if args.skip_students:
+        print(f"demo finished in {time.time() - t0:.0f} s")
+        return 0
+
+    print("\n[2/2] LCD: training a 4-step student from the UNet teacher (recipe lcd-digits)...")
+    t1 = time.time()
+    from fastgen.evaluation.digits_quality import Entry, evaluate_entries, write_report
+    from fastgen.pipelines import export_run
+    from fastgen.pipelines.sampling import load_exported, sample_grid
+    from fastgen.trainers.run import train
+    from fastgen.zoo import paths
+    from fastgen.zoo.build import UNET_GUIDANCE, UNET_RESOLUTION
+
+    run_dir = out / "lcd-digits"
+    latest = run_dir / "checkpoints" / "latest"
+    overrides = [f"output_dir={run_dir}", "train.eval_every=0", "train.progress=true"]
+    train("lcd-digits", overrides, resume="latest" if latest.exists() else None)
+    export_dir = export_run(run_dir, out / "lcd-digits-export", overwrite=True)
+    print(f"trained and exported in {time.time() - t1:.0f} s -> {export_dir}")
+    pipe, kind = load_exported(export_dir)  # stock DiffusionPipeline.from_pretrained
+    print(f"reloaded with stock diffusers: {type(pipe).__name__} + {type(pipe.scheduler).__name__}")
+    prompts = [f"a {c} handwritten digit {d}" for c, d in (("red", "seven"), ("blue", "three"), ("green", "zero"), ("yellow", "five"))]
+    grid = sample_grid(pipe, prompts, steps=4, guidance=UNET_GUIDANCE, seed=0, num_images=6,
+                       out=out / "lcd_student_4step_grid.png", height=UNET_RESOLUTION, width=UNET_RESOLUTION)
+    print(f"4-step student grid: {grid}")
+    entries = [Entry("teacher", str(paths.sd_teacher(args.root)), [50], UNET_GUIDANCE, height=UNET_RESOLUTION),
+               Entry("lcd", str(export_dir), [1, 2, 4], UNET_GUIDANCE, height=UNET_RESOLUTION)]
+    result = evaluate_entries(entries, samples=args.samples, seed=0, classifier_root=args.root)
+    write_report(result, out, "demo_quality", "Demo: UNet teacher vs LCD student")
+    print((out / "demo_quality.md").read_text())
+    print(f"students done in {time.time() - t1:.0f} s (teachers {t_teachers:.0f} s)")
     print(f"demo finished in {time.time() - t0:.0f} s")
-    del result, paths
     return 0
 
 
@@ -151,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_sample)
 
     d = sub.add_parser("demo", help="the digits-world demo")
-    d.add_argument("--samples", type=int, default=1000)
+    d.add_argument("--samples", type=int, default=500, help="samples per pipeline for the demo's tables")
+    d.add_argument("--skip-students", action="store_true", help="only the teachers' grids and table")
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--root", default=None)
