@@ -115,7 +115,7 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
     md = [
         "# Digits-world teachers\n",
         f"Measured by `fastgen zoo check` ({samples} samples per teacher, seed {seed}). "
-        f"Real-vs-real digits-FID floor (train split vs held-out): {protocol['real_vs_real_fid_floor']}.\n",
+        f"Real-vs-real digits-FID floor (train split vs held-out): {protocol['real_vs_real_fid_floor']}.\n\n",
         markdown_table(table, ["model", "pipeline", "steps", "guidance", "digit_accuracy", "colour_accuracy",
                                "digits_fid", "samples", "seconds"]),
         "\n",
