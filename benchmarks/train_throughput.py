@@ -162,9 +162,6 @@ def _separate_predict(self, x_t, t, cond, uncond=None, guidance=1.0):
     """``Teacher.predict`` with classifier-free guidance as TWO network calls (uncond, then cond).
 
     Same result as the batched ``Teacher.predict``; only the CFG branch differs."""
-    import torch
-
-    from fastgen.diffusion import to_x0_eps
     from fastgen.models import Teacher
 
     use_cfg = uncond is not None and not (isinstance(guidance, (int, float)) and float(guidance) == 1.0)
@@ -174,16 +171,7 @@ def _separate_predict(self, x_t, t, cond, uncond=None, guidance=1.0):
     t = self._timesteps(t, b, x_t.device)
     out_u = self.forward(x_t, t, uncond.expand(b))
     out_c = self.forward(x_t, t, cond.expand(b))
-    w = torch.as_tensor(guidance, device=out_c.device, dtype=out_c.dtype)
-    if w.ndim == 1:
-        w = w.view(-1, *([1] * (out_c.ndim - 1)))
-    out = out_u + w * (out_c - out_u)
-    compute = torch.promote_types(x_t.dtype, torch.float32)
-    alpha, sigma = self.schedule.alpha_sigma(t)
-    alpha = alpha.to(device=x_t.device, dtype=compute)
-    sigma = sigma.to(device=x_t.device, dtype=compute)
-    x0, eps = to_x0_eps(out.to(compute), x_t.to(compute), alpha, sigma, self.prediction_type)
-    return x0.to(x_t.dtype), eps.to(x_t.dtype)
+    return self.output_to_x0_eps(self.combine_guidance(out_u, out_c, guidance), x_t, t)
 
 
 @contextlib.contextmanager

@@ -41,14 +41,7 @@ EXPECTED = {  # family, kind, schedule kind, prediction type
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks run fastest single-threaded; with 2 OpenMP threads on a busy machine a
-    forward pass can stall for ~1 s at each thread barrier. Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,11 @@ def _git_commit() -> str:
 
 @torch.no_grad()
 def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 250,
-                    height: int | None = None, **kwargs) -> torch.Tensor:
-    """Images in [0,1] from any stock text-to-image pipeline, one seeded generator per batch."""
+                    height: int | None = None, negative_prompt: str | None = None, **kwargs) -> torch.Tensor:
+    """Images in [0,1] from any stock text-to-image pipeline, one seeded generator per batch.
+
+    ``negative_prompt`` is repeated for every prompt of a batch (FluxPipeline's true CFG needs one per prompt).
+    """
     out = []
     pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(prompts), batch_size):
@@ -60,6 +63,8 @@ def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed:
         kw = dict(kwargs)
         if height:
             kw.update(height=height, width=height)
+        if negative_prompt is not None:
+            kw["negative_prompt"] = [negative_prompt] * len(chunk)
         res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt", **kw)
         out.append(res.images.float().cpu())
     return torch.cat(out)

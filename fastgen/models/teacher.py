@@ -742,16 +742,24 @@ class Teacher(torch.nn.Module):
         if use_cfg:
             both = uncond.expand(b).cat(cond.expand(b))
             out = self.forward(torch.cat([x_t, x_t], dim=0), torch.cat([t, t], dim=0), both)
-            out_u, out_c = out.chunk(2, dim=0)
-            w = torch.as_tensor(guidance, device=out.device, dtype=out.dtype)
-            if w.ndim == 1:
-                w = w.view(-1, *([1] * (out.ndim - 1)))
-            out = out_u + w * (out_c - out_u)
+            out = self.combine_guidance(*out.chunk(2, dim=0), guidance)
         else:
             g = None
             if self.guidance_embeds and uncond is None:
                 g = guidance
             out = self.forward(x_t, t, cond, guidance_embed=g)
+        return self.output_to_x0_eps(out, x_t, t)
+
+    @staticmethod
+    def combine_guidance(out_u: torch.Tensor, out_c: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance ``u + w * (c - u)``; ``guidance`` a float or per-sample ``[B]``."""
+        w = torch.as_tensor(guidance, device=out_c.device, dtype=out_c.dtype)
+        if w.ndim == 1:
+            w = w.view(-1, *([1] * (out_c.ndim - 1)))
+        return out_u + w * (out_c - out_u)
+
+    def output_to_x0_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convert a (guided) network output at ``t`` to ``(x0, eps)`` with the teacher's schedule (fp32 math)."""
         compute = torch.promote_types(x_t.dtype, torch.float32)
         alpha, sigma = self.schedule.alpha_sigma(t)
         alpha = alpha.to(device=x_t.device, dtype=compute)

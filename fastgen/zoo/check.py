@@ -15,6 +15,7 @@ import torch
 
 from fastgen.data import digits as dw
 from fastgen.evaluation.digits_metrics import DigitsEvaluator
+from fastgen.evaluation.digits_quality import sample_pipeline
 from fastgen.evaluation.reports import markdown_table, save_grid, write_json
 from fastgen.zoo import build as zb
 from fastgen.zoo import paths
@@ -32,32 +33,18 @@ def load_flux_pipeline(root=None):
     return FluxPipeline.from_pretrained(paths.flux_teacher(root), local_files_only=True)
 
 
-@torch.no_grad()
 def sample_unet_teacher(pipe, prompts: list[str], steps: int = 50, guidance: float = zb.UNET_GUIDANCE,
                         seed: int = 0, batch_size: int = 250) -> torch.Tensor:
     """Images in [0,1] from the stock StableDiffusionPipeline, one seeded generator per batch."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator().manual_seed(seed + i)
-        res = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   height=zb.UNET_RESOLUTION, width=zb.UNET_RESOLUTION, generator=gen, output_type="pt")
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
+    return sample_pipeline(pipe, prompts, steps, guidance, seed, batch_size, height=zb.UNET_RESOLUTION)
 
 
-@torch.no_grad()
 def sample_dit_teacher(pipe, prompts: list[str], steps: int = 50, guidance: float = zb.DIT_GUIDANCE,
                        seed: int = 0, batch_size: int = 250) -> torch.Tensor:
     """Images in [0,1] from the stock FluxPipeline (true CFG against the empty prompt)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator().manual_seed(seed + i)
-        chunk = prompts[i : i + batch_size]
-        res = pipe(chunk, negative_prompt=[""] * len(chunk) if guidance > 1 else None, true_cfg_scale=guidance,
-                   num_inference_steps=steps, height=zb.DIT_RESOLUTION, width=zb.DIT_RESOLUTION, generator=gen,
-                   max_sequence_length=zb.DIT_MAX_SEQUENCE_LENGTH, output_type="pt")
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
+    return sample_pipeline(pipe, prompts, steps, 1.0, seed, batch_size, height=zb.DIT_RESOLUTION,
+                           negative_prompt="" if guidance > 1 else None, true_cfg_scale=guidance,
+                           max_sequence_length=zb.DIT_MAX_SEQUENCE_LENGTH)
 
 
 def grid_prompts() -> tuple[list[str], int]:
