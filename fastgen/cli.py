@@ -67,7 +67,7 @@ def _demo(args) -> int:
 
     print("\n[2/2] LCD: training a 4-step student from the UNet teacher (recipe lcd-digits)...")
     t1 = time.time()
-    from fastgen.evaluation.digits_quality import Entry, evaluate_entries, write_report
+    from fastgen.evaluation.bench import PipelineSpec, Suite, run_quality, write_quality_report
     from fastgen.pipelines import export_run
     from fastgen.pipelines.sampling import load_exported, sample_grid
     from fastgen.trainers.run import train
@@ -86,10 +86,11 @@ def _demo(args) -> int:
     grid = sample_grid(pipe, prompts, steps=4, guidance=UNET_GUIDANCE, seed=0, num_images=6,
                        out=out / "lcd_student_4step_grid.png", height=UNET_RESOLUTION, width=UNET_RESOLUTION)
     print(f"4-step student grid: {grid}")
-    entries = [Entry("teacher", str(paths.sd_teacher(args.root)), [50], UNET_GUIDANCE, height=UNET_RESOLUTION),
-               Entry("lcd", str(export_dir), [1, 2, 4], UNET_GUIDANCE, height=UNET_RESOLUTION)]
-    result = evaluate_entries(entries, samples=args.samples, seed=0, classifier_root=args.root)
-    write_report(result, out, "demo_quality", "Demo: UNet teacher vs LCD student")
+    suite = Suite("demo_quality", [PipelineSpec("teacher", str(paths.sd_teacher(args.root)), steps=[50], guidance=UNET_GUIDANCE,
+                                                height=UNET_RESOLUTION),
+                                   PipelineSpec("lcd", str(export_dir), steps=[1, 2, 4], guidance=UNET_GUIDANCE,
+                                                height=UNET_RESOLUTION)], samples=args.samples)
+    write_quality_report(run_quality(suite), out, "demo_quality", "Demo: UNet teacher vs LCD student")
     print((out / "demo_quality.md").read_text())
     print(f"students done in {time.time() - t1:.0f} s (teachers {t_teachers:.0f} s)")
     print(f"demo finished in {time.time() - t0:.0f} s")
@@ -129,6 +130,159 @@ def _sample(args) -> int:
     path = sample_grid(pipe, args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
                        num_images=args.num_images, out=args.out, height=args.height, width=args.width)
     print(f"{kind}: {len(args.prompt) * args.num_images} images, {args.steps} steps -> {path}")
+    return 0
+
+
+
+# -- fastgen bench ---------------------------------------------------------------------------------
+
+def _parse_pipeline(text: str):
+    """``LABEL=FOLDER[:steps=1,2,4][:guidance=3][:height=32][:recipe=NAME]`` -> PipelineSpec."""
+    from fastgen.errors import ConfigError
+    from fastgen.evaluation.bench import PipelineSpec
+
+    label, sep, rest = text.partition("=")
+    if not sep or not label:
+        raise ConfigError(f"--pipeline takes LABEL=FOLDER[:steps=1,2,4][:guidance=G], got {text!r}")
+    folder, *opts = rest.split(":")
+    kw: dict = {"folder": folder or None}
+    for o in opts:
+        k, sep, v = o.partition("=")
+        if not sep:
+            raise ConfigError(f"--pipeline option {o!r} is not key=value (in {text!r})")
+        if k in ("steps", "speed_steps"):
+            kw[k] = [int(x) for x in v.split(",")]
+        elif k in ("guidance",):
+            kw[k] = float(v)
+        elif k in ("height", "width"):
+            kw[k] = int(v)
+        elif k in ("recipe", "negative_prompt"):
+            kw[k] = v
+        else:
+            raise ConfigError(f"--pipeline option {k!r} unknown; use steps, speed_steps, guidance, height, width, recipe, negative_prompt")
+    return PipelineSpec(label, **kw)
+
+
+def _bench_suite(args, default_name: str):
+    from fastgen.evaluation.bench import SpeedSpec, Suite, load_suite
+
+    pipes = [_parse_pipeline(t) for t in (args.pipeline or [])]
+    if args.steps:
+        for p in pipes:
+            p.steps = list(args.steps)
+    if args.guidance is not None:
+        for p in pipes:
+            p.guidance = args.guidance
+    if args.suite:
+        suite = load_suite(args.suite, args.overrides)
+        if pipes:
+            suite.pipelines = pipes
+    else:
+        if not pipes:
+            from fastgen.errors import ConfigError
+
+            raise ConfigError("give a suite YAML (benchmarks/suites/digits.yaml) or at least one --pipeline LABEL=FOLDER")
+        suite = Suite(name=default_name, pipelines=pipes)
+    for key in ("prompts", "samples", "seed", "data_root", "inception_weights", "clip_model", "hps_checkpoint",
+                "hps_version", "fid_reference", "runs_dir"):
+        v = getattr(args, key, None)
+        if v is not None:
+            setattr(suite, key, v)
+    if getattr(args, "metrics", None):
+        suite.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.name:
+        suite.name = args.name
+    if args.command_bench in ("speed", "run"):
+        sp = suite.speed or SpeedSpec()
+        for key in ("prompt", "batch_size", "warmup", "repeats", "device", "dtype"):
+            v = getattr(args, key, None)
+            if v is not None:
+                setattr(sp, key, v)
+        if getattr(args, "ratio", None):
+            sp.ratio = list(args.ratio)
+        suite.speed = sp
+    return suite
+
+
+def _bench_quality(args) -> int:
+    from pathlib import Path
+
+    from fastgen.evaluation.bench import plot_quality_vs_latency, read_json, run_quality, write_quality_report
+
+    suite = _bench_suite(args, "quality")
+    result = run_quality(suite)
+    files = write_quality_report(result, args.out, suite.name, suite.display_title)
+    speed = read_json(Path(args.out) / f"{(suite.speed.name if suite.speed else 'sampling_speed')}.json")
+    if speed:
+        png = plot_quality_vs_latency(result, speed, Path(args.out) / f"{suite.name}_vs_latency.png")
+        if png:
+            files.append(png)
+    print(Path(args.out, f"{suite.name}.md").read_text())
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+SPEED_NOTE = """Why the end-to-end ratio stays below the ideal 100/4 = 25x: the teacher's 50 CFG steps are 50
+forwards at batch 2 (100 network evaluations), the student's 4 steps are 4 forwards at batch 1; both pay
+the same fixed costs (text encoding, VAE decode, pipeline and scheduler overhead), and on a CPU a
+batch-2 forward costs less than two batch-1 forwards. See the `network` rows for the denoiser alone."""
+
+
+def _bench_speed(args) -> int:
+    from pathlib import Path
+
+    from fastgen.evaluation.bench import run_speed, write_speed_report
+
+    suite = _bench_suite(args, "sampling_speed")
+    result = run_speed(suite)
+    files = write_speed_report(result, args.out, suite.speed.name, SPEED_NOTE)
+    print(Path(files[1]).read_text())
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _bench_run(args) -> int:
+    """Speed first (so the quality report can draw its quality-vs-latency scatter), then quality."""
+    rc = _bench_speed(args)
+    return rc or _bench_quality(args)
+
+
+def _bench_score(args) -> int:
+    """Score a folder of already generated images against a prompt file (one prompt per image)."""
+    import json
+
+    from fastgen.evaluation.bench import PipelineSpec, PromptSet, Suite, build_metrics
+    from fastgen.evaluation.fid import read_image
+    from fastgen.evaluation.presets import load_paired_folder
+
+    pairs = load_paired_folder(args.prompts, args.images)
+    suite = Suite("score", [PipelineSpec("images", folder=str(args.images))], metrics=[m.strip() for m in args.metrics.split(",")],
+                  clip_model=args.clip_model, hps_checkpoint=args.hps_checkpoint, hps_version=args.hps_version,
+                  inception_weights=args.inception_weights, fid_reference=args.fid_reference)
+    ps = PromptSet(pairs.prompts, f"prompt file {args.prompts}", pairs.protocol)
+    metrics = build_metrics(suite, ps)
+    import torch
+
+    images = torch.stack([pairs.preprocess(read_image(f)[None])[0] for f in pairs.files]).float() / 255.0
+    row = {"images": str(args.images), "count": len(images)}
+    for m in metrics:
+        row.update(m.score(images, ps))
+    print(json.dumps({"row": row, "protocol": {**pairs.protocol, "metrics": {m.name: m.describe() for m in metrics}}}, indent=2))
+    return 0
+
+
+def _bench_hps(args) -> int:
+    import json
+
+    from fastgen.evaluation.hps import HPSScorer, hps_benchmark
+
+    scorer = HPSScorer.from_checkpoint(args.hps_checkpoint, version=args.hps_version)
+    res = hps_benchmark(scorer, args.images_root, args.prompts_dir, per_style=args.per_style)
+    print(json.dumps(res, indent=2))
+    if args.out_json:
+        from fastgen.evaluation.reports import write_json
+
+        write_json(args.out_json, res)
     return 0
 
 
@@ -192,6 +346,63 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--root", default=None)
     d.set_defaults(fn=_demo)
+
+    bench = sub.add_parser("bench", help="benchmark teacher and students: quality (FID/HPS/CLIP/digits) and speed")
+    bsub = bench.add_subparsers(dest="command_bench", required=True)
+    for name, fn, hlp in (("quality", _bench_quality, "sample every pipeline and score it under one protocol"),
+                          ("speed", _bench_speed, "median/p90 latency, end to end and network only"),
+                          ("run", _bench_run, "speed, then quality, then the quality-vs-latency scatter")):
+        q = bsub.add_parser(name, help=hlp)
+        q.add_argument("suite", nargs="?", default=None, help="suite YAML (e.g. benchmarks/suites/digits.yaml)")
+        q.add_argument("--pipeline", action="append", help="LABEL=FOLDER[:steps=1,2,4][:guidance=G][:height=H] (repeatable; "
+                       "FOLDER may be a shipped alias such as digits-sd); replaces the suite's pipelines")
+        q.add_argument("--steps", type=int, nargs="+", default=None, help="step counts for every --pipeline")
+        q.add_argument("--guidance", type=float, default=None, help="guidance_scale for every --pipeline")
+        q.add_argument("--name", default=None, help="results name: <out>/<name>.json/.md/.png")
+        q.add_argument("--out", default="benchmarks/results")
+        q.add_argument("--runs-dir", default=None, help="where recipe pipelines are trained/reused (default runs)")
+        q.add_argument("--seed", type=int, default=None)
+        if name in ("quality", "run"):
+            q.add_argument("--prompts", default=None, help="'digits', a prompt file, or preset:coco2014-30k@256 / preset:coco2017-5k@512")
+            q.add_argument("--samples", type=int, default=None, help="number of prompts (digits) or limit on a prompt file/preset")
+            q.add_argument("--metrics", default=None, help="comma list of: digits, fid, clip, hps")
+            q.add_argument("--data-root", default=None, help="folder with the preset's COCO annotations/ and images")
+            q.add_argument("--fid-reference", default=None, help="folder of real images for 'fid' with a plain prompt file")
+            q.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
+            q.add_argument("--clip-model", default=None, help="local transformers CLIP folder")
+            q.add_argument("--hps-checkpoint", default=None, help="local HPS_v2.1_compressed.pt (or a folder holding it)")
+            q.add_argument("--hps-version", default=None, choices=["v2.0", "v2.1"])
+        if name in ("speed", "run"):
+            q.add_argument("--prompt", default=None)
+            q.add_argument("--batch-size", type=int, default=None)
+            q.add_argument("--warmup", type=int, default=None)
+            q.add_argument("--repeats", type=int, default=None)
+            q.add_argument("--device", default=None, help="auto, cpu, cuda")
+            q.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+            q.add_argument("--ratio", nargs=2, default=None, metavar=("NUM@STEPS", "DEN@STEPS"),
+                           help="report latency(NUM)/latency(DEN), e.g. teacher@50 lcd@4")
+        q.add_argument("overrides", nargs="*", help="suite key=value overrides, e.g. samples=200 speed.repeats=3")
+        q.set_defaults(fn=fn)
+
+    sc = bsub.add_parser("score", help="score a folder of generated images against a prompt file (one prompt per image)")
+    sc.add_argument("--images", required=True)
+    sc.add_argument("--prompts", required=True)
+    sc.add_argument("--metrics", default="clip")
+    sc.add_argument("--clip-model", default=None)
+    sc.add_argument("--hps-checkpoint", default=None)
+    sc.add_argument("--hps-version", default="v2.1", choices=["v2.0", "v2.1"])
+    sc.add_argument("--inception-weights", default=None)
+    sc.add_argument("--fid-reference", default=None)
+    sc.set_defaults(fn=_bench_score)
+
+    hp = bsub.add_parser("hps", help="the HPSv2 benchmark protocol on a folder <root>/<style>/<idx:05d>.jpg")
+    hp.add_argument("--images-root", required=True)
+    hp.add_argument("--prompts-dir", required=True, help="folder with anime.json, concept-art.json, paintings.json, photo.json")
+    hp.add_argument("--hps-checkpoint", default=None)
+    hp.add_argument("--hps-version", default="v2.1", choices=["v2.0", "v2.1"])
+    hp.add_argument("--per-style", type=int, default=800)
+    hp.add_argument("--out-json", default=None)
+    hp.set_defaults(fn=_bench_hps)
     return p
 
 

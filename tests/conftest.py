@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ["HF_HOME"] = os.path.join(_TMP, "hf")
 os.environ["TORCH_HOME"] = os.path.join(_TMP, "torch")
+os.environ["FASTGEN_CACHE"] = os.path.join(_TMP, "fastgen-cache")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 
 from fastgen.data import digits as dw
 from fastgen.evaluation.digits_metrics import DigitsEvaluator
-from fastgen.evaluation.digits_quality import sample_pipeline
+from fastgen.evaluation.bench import sample_pipeline
 from fastgen.evaluation.reports import markdown_table, save_grid, write_json
 from fastgen.zoo import build as zb
 from fastgen.zoo import paths

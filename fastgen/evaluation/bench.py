@@ -1,0 +1,665 @@
+"""The benchmark harness behind ``fastgen bench quality|speed|run``: teacher and students under one
+protocol (same prompts, seeds, batch split, preprocessing), JSON + markdown + plots.
+
+A suite (YAML, see ``benchmarks/suites/``) names the pipelines, their step counts and guidance,
+the prompt set, the metrics and the speed protocol. A pipeline is a diffusers folder, a shipped
+alias (``digits-sd``, ``digits-flux``), an export of ``fastgen export``, or a ``recipe``: its run
+folder ``runs/<recipe>`` is reused when finished, trained (or resumed) otherwise, then exported.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgen.errors import ConfigError, DataError, ModelLoadError
+from fastgen.evaluation.reports import atomic_write_text, markdown_table, write_json
+
+# ---------------------------------------------------------------------------------------------
+# Suite description
+
+
+@dataclass
+class PipelineSpec:
+    """One pipeline to benchmark. ``folder`` (path or alias) or ``recipe`` (trained when absent)."""
+
+    label: str
+    folder: str | None = None
+    recipe: str | None = None
+    steps: list[int] = field(default_factory=lambda: [4])
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    speed_steps: list[int] | None = None  # step counts timed by `bench speed` (default: steps)
+    call_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.folder and not self.recipe:
+            raise ConfigError(f"pipeline {self.label!r} needs a 'folder' (pipeline folder or alias) or a 'recipe'")
+        self.steps = [int(s) for s in ([self.steps] if isinstance(self.steps, int) else self.steps)]
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise ConfigError(f"pipeline {self.label!r}: steps must be positive integers, got {self.steps}")
+
+
+@dataclass
+class SpeedSpec:
+    name: str = "sampling_speed"
+    prompt: str = "a photo of a cat"
+    batch_size: int = 1
+    warmup: int = 2
+    repeats: int = 7
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    scopes: list[str] = field(default_factory=lambda: ["end_to_end", "network"])
+    ratio: list[str] | None = None  # ["teacher@50", "lcd@4"]: numerator / denominator
+
+
+@dataclass
+class Suite:
+    name: str
+    pipelines: list[PipelineSpec]
+    title: str = ""
+    prompts: str = "digits"  # "digits" | prompt file | "preset:<name>"
+    data_root: str | None = None
+    samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    metrics: list[str] = field(default_factory=lambda: ["digits"])
+    runs_dir: str = "runs"
+    # metric settings
+    inception_weights: str | None = None
+    fid_reference: str | None = None  # image folder of real images (when the prompts are not a preset)
+    fid_resolution: int | None = None
+    fid_resize_filter: str = "bicubic"
+    clip_model: str | None = None
+    hps_checkpoint: str | None = None
+    hps_version: str = "v2.1"
+    speed: SpeedSpec | None = None
+    grids: int = 0  # save the first N images of every (pipeline, steps) as a grid
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in sorted(unknown)]
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def suite_from_dict(data: dict, where: str = "suite") -> Suite:
+    data = dict(data)
+    pipes = data.pop("pipelines", None)
+    if not pipes:
+        raise ConfigError(f"{where}: a suite needs a non-empty 'pipelines' list")
+    data["pipelines"] = [_build(PipelineSpec, dict(p), f"{where}: pipeline {p.get('label', i)}") for i, p in enumerate(pipes)]
+    if data.get("speed") is not None:
+        data["speed"] = _build(SpeedSpec, dict(data["speed"]), f"{where}: speed")
+    if isinstance(data.get("metrics"), str):
+        data["metrics"] = [m.strip() for m in data["metrics"].split(",") if m.strip()]
+    suite = _build(Suite, data, where)
+    labels = [p.label for p in suite.pipelines]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where}: pipeline labels must be unique, got {labels}")
+    return suite
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
+    """Read a suite YAML; ``overrides`` are ``key=value`` strings for top-level keys (``samples=200``)."""
+    import yaml
+
+    from fastgen.config import parse_overrides
+
+    p = Path(path)
+    if not p.is_file():
+        cand = Path("benchmarks/suites") / f"{path}.yaml"
+        if cand.is_file():
+            p = cand
+        else:
+            raise ConfigError(f"suite file {path} not found (nor {cand}); pass a YAML path such as benchmarks/suites/digits.yaml")
+    data = yaml.safe_load(p.read_text()) or {}
+    _merge(data, parse_overrides(overrides or []), str(p))
+    return suite_from_dict(data, where=str(p))
+
+
+def _merge(node, updates: dict, where: str) -> None:
+    """Deep-merge override dicts; a numeric key indexes a list (``pipelines.1.steps=[4]``)."""
+    for key, value in updates.items():
+        if isinstance(node, list):
+            if not str(key).isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{where}: override index {key!r} is not a valid list index (0..{len(node) - 1})")
+            key = int(key)
+            current = node[key]
+        else:
+            current = node.get(key)
+        if isinstance(value, dict) and isinstance(current, (dict, list)):
+            _merge(current, value, where)
+        else:
+            node[key] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+
+
+ALIAS_DEFAULTS = {  # sampling defaults of the shipped digits teachers
+    "digits-sd": {"guidance": 3.0, "height": 32},
+    "digits-unet": {"guidance": 3.0, "height": 32},
+    "digits-flux": {"guidance": 4.0, "height": 64, "negative_prompt": ""},
+    "digits-dit": {"guidance": 4.0, "height": 64, "negative_prompt": ""},
+}
+
+
+def _finished(run_dir: Path) -> bool:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        state = json.loads((run_dir / "checkpoints" / latest / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("step", 0) >= cfg["train"]["max_steps"]
+
+
+def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print) -> Path:
+    """``runs/<recipe>`` trained to its last step (trained or resumed here when needed), exported to
+    ``runs/exports/<recipe>`` (re-exported when the run is newer than the export)."""
+    from fastgen.pipelines import export_run
+    from fastgen.trainers.run import train
+
+    runs = Path(runs_dir)
+    run_dir, out = runs / recipe, runs / "exports" / recipe
+    latest = run_dir / "checkpoints" / "latest"
+    if not _finished(run_dir):
+        log(f"[bench] training {recipe} into {run_dir} ({'resuming' if latest.exists() else 'from scratch'})")
+        train(recipe, [f"output_dir={run_dir}"], resume="latest" if latest.exists() else None)
+    stamp = out / "fastgen_export.json"
+    if not stamp.is_file() or stamp.stat().st_mtime < latest.stat().st_mtime:
+        log(f"[bench] exporting {run_dir} -> {out}")
+        export_run(run_dir, out, overwrite=True)
+    return out
+
+
+def resolve_pipeline(spec: PipelineSpec, runs_dir: str | Path, log=print) -> tuple[Path, dict]:
+    """The folder to load and the sampling defaults (guidance, size) for ``spec``."""
+    from fastgen.pipelines.sampling import _export_info
+    from fastgen.zoo.paths import resolve_model
+
+    if spec.recipe:
+        folder = ensure_recipe_export(spec.recipe, runs_dir, log)
+    else:
+        folder = resolve_model(spec.folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"pipeline {spec.label!r}: folder {folder} does not exist; give a diffusers pipeline folder, "
+                             f"a `fastgen export` folder or a shipped alias (digits-sd, digits-flux)")
+    defaults = dict(ALIAS_DEFAULTS.get(str(spec.folder), {}))
+    info = _export_info(folder)
+    if "guidance_scale" in info:
+        defaults.setdefault("guidance", float(info["guidance_scale"]))
+    if info.get("resolution"):
+        defaults.setdefault("height", int(info["resolution"]))
+    for key in ("guidance", "height", "negative_prompt"):
+        if getattr(spec, key) is not None:
+            defaults[key] = getattr(spec, key)
+    defaults.setdefault("guidance", 1.0)
+    return folder, defaults
+
+
+def load_pipeline_for_bench(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from fastgen.pipelines.sampling import load_exported
+
+    try:
+        pipe, _ = load_exported(folder, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{folder} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e})") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 250,
+                    height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                    **kwargs) -> torch.Tensor:
+    """Images in [0,1] ``[N,3,H,W]`` from any stock text-to-image pipeline; batch ``i`` uses
+    ``torch.Generator().manual_seed(seed + i*batch_size)``, so every pipeline sees the same noise seeds."""
+    out = []
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(0, len(prompts), batch_size):
+        gen = torch.Generator().manual_seed(seed + i)
+        chunk = prompts[i : i + batch_size]
+        kw = dict(kwargs)
+        if height:
+            kw.update(height=height, width=width or height)
+        if negative_prompt is not None:
+            kw["negative_prompt"] = [negative_prompt] * len(chunk)
+        res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt", **kw)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    description: str
+    protocol: dict
+    labels: dict = field(default_factory=dict)  # e.g. {"digits": tensor, "colours": tensor}
+    pairs: Any = None  # PromptImagePairs when the prompts come with reference images
+
+
+def load_prompt_set(suite: Suite) -> PromptSet:
+    from fastgen.evaluation.presets import load_paired_folder, load_preset, prompts_sha
+
+    spec = suite.prompts
+    if spec == "digits":
+        from fastgen.data import digits as dw
+
+        prompts, d, c = dw.eval_prompts(suite.samples, seed=suite.seed)
+        return PromptSet(prompts, "canonical digits captions balanced over the 60 (digit, colour) pairs",
+                         {"prompts_sha256_16": prompts_sha(prompts), "count": len(prompts)}, {"digits": d, "colours": c})
+    if spec.startswith("preset:"):
+        if not suite.data_root:
+            raise ConfigError(f"prompts {spec} needs data_root (the folder holding the COCO annotations/ and images)")
+        pairs = load_preset(spec.split(":", 1)[1], suite.data_root, limit=suite.samples or None)
+        return PromptSet(pairs.prompts, f"FID preset {pairs.name}", pairs.protocol, pairs=pairs)
+    if suite.fid_reference and "fid" in suite.metrics:
+        from fastgen.evaluation.fid import Preprocess
+
+        pairs = load_paired_folder(spec, suite.fid_reference,
+                                   Preprocess(suite.fid_resolution, suite.fid_resize_filter, True))
+        prompts = pairs.prompts[: suite.samples or None]
+        return PromptSet(prompts, f"prompt file {spec}", {**pairs.protocol, "used": len(prompts)}, pairs=pairs)
+    from fastgen.data.prompts import load_prompts
+
+    prompts = load_prompts(spec)[: suite.samples or None]
+    return PromptSet(prompts, f"prompt file {spec}", {"prompts_sha256_16": prompts_sha(prompts), "count": len(prompts)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class BenchMetric:
+    """One metric of a quality suite: set up once, then ``score(images, prompt_set)`` -> columns."""
+
+    name = ""
+    columns: list[str] = []
+
+    def score(self, images: torch.Tensor, ps: PromptSet) -> dict:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}
+
+
+class DigitsMetric(BenchMetric):
+    """digits-FID (digits classifier features vs the held-out split) + digit / colour accuracy."""
+
+    name = "digits"
+    columns = ["digits_fid", "digit_accuracy", "colour_accuracy"]
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        if "digits" not in prompt_set.labels:
+            raise ConfigError("metric 'digits' needs the digits prompts (prompts: digits)")
+        from fastgen.evaluation.digits_metrics import DigitsEvaluator
+        from fastgen.zoo import paths
+
+        self.evaluator = DigitsEvaluator(paths.load_classifier())
+
+    def score(self, images, ps):
+        s = self.evaluator.score(images, ps.labels["digits"], ps.labels["colours"]).as_dict()
+        return {k: s[k] for k in self.columns}
+
+    def describe(self):
+        return self.evaluator.describe()
+
+
+class FIDMetric(BenchMetric):
+    name = "fid"
+    columns = ["fid"]
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        from fastgen.evaluation.fid import FID, FolderReference, InceptionFeatures, Preprocess
+
+        backend = InceptionFeatures(suite.inception_weights)
+        if prompt_set.pairs is not None:
+            pre, ref = prompt_set.pairs.preprocess, prompt_set.pairs.reference()
+        elif suite.fid_reference:
+            pre, ref = Preprocess(suite.fid_resolution, suite.fid_resize_filter), FolderReference(suite.fid_reference)
+        else:
+            raise ConfigError("metric 'fid' needs reference images: prompts: preset:<name> with data_root, "
+                              "or fid_reference: <image folder>")
+        self.fid = FID(backend, pre).set_reference(ref)
+
+    def score(self, images, ps):
+        return {"fid": round(self.fid.score(images), 3)}
+
+    def describe(self):
+        return self.fid.describe()
+
+
+class CLIPMetric(BenchMetric):
+    name = "clip"
+    columns = ["clip_score"]
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        from fastgen.evaluation.clip_score import HFCLIPScorer
+
+        if not suite.clip_model:
+            raise ConfigError("metric 'clip' needs clip_model: a local transformers CLIP folder "
+                              "(e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
+        self.scorer = HFCLIPScorer.from_pretrained(suite.clip_model)
+
+    def score(self, images, ps):
+        s = torch.cat([self.scorer.score(images[i : i + 64], ps.prompts[i : i + 64]) for i in range(0, len(images), 64)])
+        return {"clip_score": round(float(s.mean()), 3)}
+
+    def describe(self):
+        return self.scorer.describe()
+
+
+class HPSMetric(BenchMetric):
+    name = "hps"
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        from fastgen.evaluation.hps import HPSScorer
+
+        self.scorer = HPSScorer.from_checkpoint(suite.hps_checkpoint, version=suite.hps_version)
+        self.columns = [f"hps_{self.scorer.version}"]
+
+    def score(self, images, ps):
+        with torch.no_grad():
+            s = torch.cat([self.scorer(images[i : i + 20], ps.prompts[i : i + 20]) for i in range(0, len(images), 20)])
+        return {self.columns[0]: round(100 * float(s.mean()), 3)}
+
+    def describe(self):
+        return self.scorer.describe()
+
+
+METRICS: dict[str, type[BenchMetric]] = {"digits": DigitsMetric, "fid": FIDMetric, "clip": CLIPMetric, "hps": HPSMetric}
+
+
+def register_metric(name: str, cls: type[BenchMetric]) -> None:
+    METRICS[name] = cls
+
+
+def build_metrics(suite: Suite, prompt_set: PromptSet) -> list[BenchMetric]:
+    unknown = [m for m in suite.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(sorted(METRICS))}")
+    return [METRICS[m](suite, prompt_set) for m in suite.metrics]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "unknown"
+
+
+def versions() -> dict:
+    import diffusers
+    import torchmetrics
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
+
+
+def run_quality(suite: Suite, log=print) -> dict:
+    """Sample every pipeline at each of its step counts under one protocol and score it."""
+    ps = load_prompt_set(suite)
+    metrics = build_metrics(suite, ps)
+    columns = [c for m in metrics for c in m.columns]
+    rows, pipelines, grids = [], {}, {}
+    for spec in suite.pipelines:
+        folder, d = resolve_pipeline(spec, suite.runs_dir, log)
+        pipe = load_pipeline_for_bench(folder)
+        pipelines[spec.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__,
+                                 "scheduler": type(pipe.scheduler).__name__, **d}
+        for steps in spec.steps:
+            t0 = time.perf_counter()
+            images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
+                                     height=d.get("height"), width=spec.width, negative_prompt=d.get("negative_prompt"),
+                                     **spec.call_kwargs)
+            seconds = time.perf_counter() - t0
+            row = {"method": spec.label, "steps": steps, "guidance": d["guidance"]}
+            for m in metrics:
+                row.update(m.score(images, ps))
+            row.update(samples=len(images), seconds=round(seconds, 1))
+            log(f"[bench quality] {row}")
+            rows.append(row)
+            if suite.grids:
+                grids[f"{spec.label}@{steps}"] = images[: suite.grids]
+        del pipe
+    protocol = {
+        "suite": suite.name,
+        "prompts": ps.description,
+        **{k: v for k, v in ps.protocol.items()},
+        "seed": suite.seed,
+        "seeding": "batch i uses torch.Generator().manual_seed(seed + i*batch_size)",
+        "batch_size": suite.batch_size,
+        "metrics": {m.name: m.describe() for m in metrics},
+        "pipelines": pipelines,
+        **versions(),
+        "fastgen_commit": git_commit(),
+    }
+    return {"rows": rows, "columns": ["method", "steps", "guidance", *columns, "samples", "seconds"],
+            "protocol": protocol, "_grids": grids}
+
+
+def _device(spec: SpeedSpec) -> str:
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run_speed(suite: Suite, log=print) -> dict:
+    """Latency of every pipeline at each of its (speed) step counts, end to end and network only."""
+    from fastgen.evaluation.speed import measure_pipeline_speed, speed_ratio
+
+    spec = suite.speed or SpeedSpec()
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"speed dtype {spec.dtype!r} unknown; choose one of {', '.join(DTYPES)}")
+    device = _device(spec)
+    rows, pipelines = [], {}
+    for p in suite.pipelines:
+        folder, d = resolve_pipeline(p, suite.runs_dir, log)
+        pipe = load_pipeline_for_bench(folder, device, DTYPES[spec.dtype])
+        pipelines[p.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__, **d}
+        kwargs = dict(p.call_kwargs)
+        if d.get("negative_prompt") is not None:
+            kwargs["negative_prompt"] = [d["negative_prompt"]] * spec.batch_size
+        for steps in p.speed_steps or p.steps:
+            got = measure_pipeline_speed(pipe, label=p.label, prompt=spec.prompt, steps=steps, guidance=d["guidance"],
+                                         batch_size=spec.batch_size, height=d.get("height"), width=p.width or d.get("height"),
+                                         warmup=spec.warmup, repeats=spec.repeats, seed=spec.seed, scopes=tuple(spec.scopes),
+                                         call_kwargs=kwargs)
+            for r in got:
+                log(f"[bench speed] {r['pipeline']}@{r['steps']} {r['scope']}: median {r['latency_s_median']:.4f} s, "
+                    f"p90 {r['latency_s_p90']:.4f} s")
+            rows.extend(got)
+        del pipe
+    ratios = {}
+    if spec.ratio:
+        num, den = (_parse_point(x) for x in spec.ratio)
+        for scope in spec.scopes:
+            ratios[f"{num[0]}@{num[1]} / {den[0]}@{den[1]} ({scope})"] = round(speed_ratio(rows, num, den, scope=scope), 3)
+    protocol = {"suite": suite.name, **asdict(spec), "device": device, **versions(), "fastgen_commit": git_commit(),
+                "pipelines": pipelines, "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads()}
+    return {"rows": rows, "ratios": ratios, "protocol": protocol}
+
+
+def _parse_point(text: str) -> tuple[str, int]:
+    label, _, steps = str(text).rpartition("@")
+    if not label or not steps.isdigit():
+        raise ConfigError(f"speed ratio entries look like 'label@steps', got {text!r}")
+    return label, int(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def primary_column(columns: list[str]) -> str:
+    for c in ("digits_fid", "fid", "hps_v2.1", "hps_v2.0", "clip_score"):
+        if c in columns:
+            return c
+    return columns[3]
+
+
+LOWER_IS_BETTER = {"digits_fid", "fid"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
+
+
+def plot_quality_vs_steps(result: dict, path: Path, column: str | None = None) -> Path:
+    plt = _plt()
+    column = column or primary_column(result["columns"])
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    for m in order:
+        rs = sorted((r for r in rows if r["method"] == m and r.get(column) is not None), key=lambda r: r["steps"])
+        if len(rs) == 1:
+            ax.axhline(rs[0][column], ls="--", lw=1, label=f"{m} ({rs[0]['steps']} steps)", color="k" if m == order[0] else None)
+        elif rs:
+            ax.plot([r["steps"] for r in rs], [r[column] for r in rs], marker="o", label=m)
+    floor = result["protocol"].get("metrics", {}).get("digits", {}).get("real_vs_real_fid_floor")
+    if floor and column == "digits_fid":
+        ax.axhline(floor, color="grey", lw=0.8, ls=":", label="real-vs-real floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(f"{column} ({'lower' if column in LOWER_IS_BETTER else 'higher'} is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_quality_vs_latency(quality: dict, speed: dict, path: Path, column: str | None = None,
+                            scope: str = "end_to_end") -> Path | None:
+    """One point per (pipeline, step count) present in both results; teacher(s) drawn as stars."""
+    plt = _plt()
+    column = column or primary_column(quality["columns"])
+    lat = {(r["pipeline"], r["steps"]): r["latency_s_median"] for r in speed["rows"] if r["scope"] == scope}
+    pts = [(r["method"], r["steps"], lat[(r["method"], r["steps"])], r[column]) for r in quality["rows"]
+           if (r["method"], r["steps"]) in lat and r.get(column) is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for m in dict.fromkeys(p[0] for p in pts):
+        ps = sorted((p for p in pts if p[0] == m), key=lambda p: p[2])
+        teacher = "teacher" in m
+        ax.plot([p[2] for p in ps], [p[3] for p in ps], marker="*" if teacher else "o", ms=11 if teacher else 6,
+                ls="-" if len(ps) > 1 else "none", label=m)
+        for p in ps:
+            ax.annotate(f"{p[1]}", (p[2], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency per call, {scope.replace('_', ' ')} (s, median, {speed['protocol'].get('device')})")
+    ax.set_ylabel(f"{column} ({'lower' if column in LOWER_IS_BETTER else 'higher'} is better)")
+    ax.set_title("quality vs latency (labels: steps)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write_quality_report(result: dict, out_dir: str | Path, name: str, title: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    grids = result.pop("_grids", {})
+    write_json(out_dir / f"{name}.json", result)
+    proto = result["protocol"]
+    lines = [f"# {title}\n\n",
+             f"Suite `{proto['suite']}`: {proto['prompts']} (sha256/16 `{proto.get('prompts_sha256_16')}`), "
+             f"seed {proto['seed']}, batch {proto['batch_size']}, stock diffusers pipelines, commit `{proto['fastgen_commit']}`.\n\n",
+             markdown_table(result["rows"], result["columns"]), "\n"]
+    for mname, desc in proto["metrics"].items():
+        lines.append(f"- **{mname}**: " + ", ".join(f"{k}={v}" for k, v in desc.items() if not isinstance(v, dict)) + "\n")
+    atomic_write_text(out_dir / f"{name}.md", "".join(lines))
+    written = [out_dir / f"{name}.json", out_dir / f"{name}.md", plot_quality_vs_steps(result, out_dir / f"{name}_vs_steps.png")]
+    if grids:
+        from fastgen.evaluation.reports import save_grid
+
+        for key, imgs in grids.items():
+            written.append(save_grid(imgs, out_dir / f"{name}_grids" / f"{key.replace('@', '_')}steps.png", nrow=8,
+                                     upscale=max(1, 64 // imgs.shape[-1])))
+    return written
+
+
+SPEED_TABLE = ["pipeline", "steps", "guidance", "scope", "latency_s_median", "latency_s_p90", "images_per_s",
+               "peak_mem_mb", "network_evals", "network_batch"]
+
+
+def write_speed_report(result: dict, out_dir: str | Path, name: str, note: str = "") -> list[Path]:
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{name}.json", result)
+    proto = result["protocol"]
+    lines = [f"# Sampling speed: {proto['suite']}\n\n",
+             f"Device `{proto['device']}` ({proto['threads']} threads), dtype {proto['dtype']}, batch {proto['batch_size']}, "
+             f"{proto['warmup']} warm-up + {proto['repeats']} timed calls per point, median and p90; "
+             f"torch {proto['torch']}, diffusers {proto['diffusers']}, commit `{proto['fastgen_commit']}`. "
+             "`end_to_end` = text encoding + all steps + VAE decode; `network` = the denoiser forwards alone "
+             "(timed by hooks in separate calls).\n\n",
+             markdown_table(result["rows"], SPEED_TABLE), "\n"]
+    for k, v in result.get("ratios", {}).items():
+        lines.append(f"- **{k}**: {v}x\n")
+    if note:
+        lines.append("\n" + note.strip() + "\n")
+    atomic_write_text(out_dir / f"{name}.md", "".join(lines))
+    return [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
