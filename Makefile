@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fastgen-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow test-all zoo zoo-check clean-venv
+.PHONY: venv demo test test-slow test-all bench zoo zoo-check clean-venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test-slow: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -m "" -q --durations=25
+
+# The digits suite: sampling speed, then quality (students trained from their recipes when runs/ lacks
+# them, reused otherwise) -> benchmarks/results/{digits_quality,sampling_speed}.{json,md} + plots.
+bench: venv
+	$(BIN)/fastgen bench run benchmarks/suites/digits.yaml --out benchmarks/results
 
 zoo: venv
 	$(BIN)/fastgen zoo build

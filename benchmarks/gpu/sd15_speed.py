@@ -154,7 +154,9 @@ def build_pipelines(resolution: int, tiny: bool, device: str, dtype: torch.dtype
     unet = UNet2DConditionModel(**dict(TINY_UNET if tiny else SD15_UNET, sample_size=resolution // 8))
     vae = AutoencoderKL(**dict(TINY_VAE if tiny else SD15_VAE, sample_size=resolution))
     for module in (text_encoder, unet, vae):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.eval().requires_grad_(False).to(device)
+        if dtype != torch.float32:  # built in float32; cast only when another dtype is asked for
+            module.to(dtype)
 
     teacher_scheduler = DDIMScheduler(
         **SCHEDULER_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon"

@@ -1,0 +1,141 @@
+"""`fastgen bench`: suites, the metric registry, quality and speed reports, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastgen.cli import main
+from fastgen.errors import ConfigError
+from fastgen.evaluation.bench import Suite, build_metrics, load_prompt_set, load_suite, suite_from_dict
+
+from tiny_models import make_tiny_sd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
+    suite = load_suite("benchmarks/suites/digits.yaml", ["samples=40", "pipelines.1.steps=[2]", "speed.repeats=3"])
+    assert suite.samples == 40 and suite.pipelines[1].steps == [2] and suite.speed.repeats == 3
+    assert [p.label for p in suite.pipelines] == ["teacher", "lcd", "lcd-lora"] and suite.speed.ratio == ["teacher@50", "lcd@4"]
+    with pytest.raises(ConfigError, match="did you mean samples"):
+        suite_from_dict({"name": "x", "sampels": 3, "pipelines": [{"label": "a", "folder": "f"}]})
+    with pytest.raises(ConfigError, match="needs a 'folder'"):
+        suite_from_dict({"name": "x", "pipelines": [{"label": "a"}]})
+    with pytest.raises(ConfigError, match="unique"):
+        suite_from_dict({"name": "x", "pipelines": [{"label": "a", "folder": "f"}, {"label": "a", "folder": "g"}]})
+    with pytest.raises(ConfigError, match="not a valid list index"):
+        load_suite("benchmarks/suites/digits.yaml", ["pipelines.7.steps=[2]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+def test_unknown_metric_lists_the_available_ones():
+    suite = suite_from_dict({"name": "x", "samples": 12, "metrics": ["digits", "fidd"], "pipelines": [{"label": "a", "folder": "f"}]})
+    with pytest.raises(ConfigError, match=r"unknown metric\(s\) fidd; available: clip, digits, fid, hps"):
+        build_metrics(suite, load_prompt_set(suite))
+    assert main(["bench", "quality", "--pipeline", "a=digits-sd", "--metrics", "bogus", "--samples", "6"]) == 2
+
+
+def test_missing_metric_weights_name_the_expected_file(tmp_path, capsys):
+    base = {"name": "x", "samples": 6, "pipelines": [{"label": "a", "folder": "f"}]}
+    suite = suite_from_dict({**base, "metrics": ["fid"], "fid_reference": str(tmp_path), "inception_weights": str(tmp_path / "w.pth")})
+    with pytest.raises(Exception, match="weights-inception-2015-12-05-6726825d.pth"):
+        build_metrics(suite, load_prompt_set(Suite(**{**suite.__dict__, "metrics": []})))
+    suite = suite_from_dict({**base, "metrics": ["hps"], "hps_checkpoint": str(tmp_path / "hps")})
+    with pytest.raises(Exception, match="HPS_v2.1_compressed.pt") as e:
+        build_metrics(suite, load_prompt_set(suite))
+    assert "xswu/HPSv2" in str(e.value)
+    suite = suite_from_dict({**base, "metrics": ["clip"], "clip_model": str(tmp_path / "clip")})
+    with pytest.raises(Exception, match="clip-vit-large-patch14|model.safetensors"):
+        build_metrics(suite, load_prompt_set(suite))
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        from PIL import Image
+
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    rc = main(["bench", "score", "--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"), "--metrics", "clip"])
+    assert rc == 2 and "3 prompts but" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
+    (tmp_path / "notapipe").mkdir()
+    (tmp_path / "notapipe" / "weights.bin").write_bytes(b"x")
+    rc = main(["bench", "quality", "--pipeline", f"x={tmp_path / 'notapipe'}", "--samples", "6", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "neither a diffusers pipeline folder" in err
+    rc = main(["bench", "speed", "--pipeline", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "out")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_bench_run_writes_quality_speed_and_plots_with_protocol(tiny_sd, tmp_path):
+    out = tmp_path / "results"
+    rc = main(["bench", "run", "--pipeline", f"teacher={tiny_sd}:steps=6:guidance=3:height=32",
+               "--pipeline", f"student={tiny_sd}:steps=1,2:guidance=1:height=32", "--samples", "24", "--seed", "5",
+               "--repeats", "2", "--warmup", "1", "--ratio", "teacher@6", "student@2", "--name", "tiny", "--out", str(out)])
+    assert rc == 0
+    q = json.loads((out / "tiny.json").read_text())
+    assert [(r["method"], r["steps"]) for r in q["rows"]] == [("teacher", 6), ("student", 1), ("student", 2)]
+    assert all(0 <= r["digit_accuracy"] <= 1 and r["digits_fid"] > 0 and r["samples"] == 24 for r in q["rows"])
+    proto = q["protocol"]
+    assert proto["seed"] == 5 and len(proto["prompts_sha256_16"]) == 16 and proto["fastgen_commit"]
+    digits = proto["metrics"]["digits"]
+    assert digits["backend"] == "torchmetrics-custom:digits-classifier" and digits["preprocess"]["resize_filter"] == "box"
+    assert digits["torchmetrics"] and digits["real_vs_real_fid_floor"] > 0
+    s = json.loads((out / "sampling_speed.json").read_text())
+    keys = {"pipeline", "steps", "guidance", "latency_s_median", "latency_s_p90", "images_per_s", "peak_mem_mb", "device", "scope"}
+    assert {(r["pipeline"], r["steps"], r["scope"]) for r in s["rows"]} == {
+        (p, n, sc) for p, n in (("teacher", 6), ("student", 1), ("student", 2)) for sc in ("end_to_end", "network")}
+    assert all(keys <= set(r) for r in s["rows"])
+    teacher = {r["scope"]: r for r in s["rows"] if r["pipeline"] == "teacher"}
+    assert teacher["network"]["network_evals"] == 6 and teacher["network"]["network_batch"] == 2
+    ratio = s["ratios"]["teacher@6 / student@2 (end_to_end)"]
+    assert ratio > 1.0
+    for name in ("tiny.md", "tiny_vs_steps.png", "tiny_vs_latency.png", "sampling_speed.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| teacher | 6 |" in (out / "tiny.md").read_text()
+    # the same seed and prompts give the same numbers: the protocol is reproducible
+    rc = main(["bench", "quality", "--pipeline", f"student={tiny_sd}:steps=2:guidance=1:height=32", "--samples", "24",
+               "--seed", "5", "--name", "again", "--out", str(out)])
+    again = json.loads((out / "again.json").read_text())["rows"][0]
+    assert again["digits_fid"] == q["rows"][2]["digits_fid"]
+
+
+def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, tiny_sd):
+    from fastgen.evaluation import bench
+
+    calls = []
+
+    def fake_train(recipe, overrides, resume=None):
+        calls.append((recipe, resume))
+        run = Path(overrides[0].split("=", 1)[1])
+        (run / "checkpoints" / "step-1").mkdir(parents=True)
+        (run / "checkpoints" / "latest").write_text("step-1")
+        (run / "checkpoints" / "step-1" / "trainer_state.json").write_text('{"step": 1}')
+        (run / "config.yaml").write_text("train: {max_steps: 1}\n")
+        return run
+
+    def fake_export(run_dir, out, overwrite=False):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fastgen_export.json").write_text(json.dumps({"guidance_scale": 2.5, "resolution": 32}))
+        return out
+
+    import fastgen.pipelines
+    import fastgen.trainers.run
+
+    monkeypatch.setattr(fastgen.trainers.run, "train", fake_train)
+    monkeypatch.setattr(fastgen.pipelines, "export_run", fake_export)
+    spec = bench.PipelineSpec("s", recipe="lcd-digits", steps=[1])
+    folder, d = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    assert calls == [("lcd-digits", None)] and d["guidance"] == 2.5 and d["height"] == 32
+    bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    assert len(calls) == 1  # finished run reused
