@@ -100,6 +100,9 @@ def test_bench_run_writes_quality_speed_and_plots_with_protocol(tiny_sd, tmp_pat
     assert teacher["network"]["network_evals"] == 6 and teacher["network"]["network_batch"] == 2
     ratio = s["ratios"]["teacher@6 / student@2 (end_to_end)"]
     assert ratio > 1.0
+    b = s["ratio_breakdown"]
+    assert b["ideal_ratio_by_evaluations"] == 6.0 and b["numerator"]["image_evaluations"] == 12
+    assert "Breakdown of teacher@6 / student@2" in (out / "sampling_speed.md").read_text()
     for name in ("tiny.md", "tiny_vs_steps.png", "tiny_vs_latency.png", "sampling_speed.md"):
         assert (out / name).stat().st_size > 0, name
     assert "| teacher | 6 |" in (out / "tiny.md").read_text()
@@ -139,3 +142,21 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     assert calls == [("lcd-digits", None)] and d["guidance"] == 2.5 and d["height"] == 32
     bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
     assert len(calls) == 1  # finished run reused
+
+
+def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():
+    from fastgen.evaluation.bench import explain_breakdown, ratio_breakdown
+
+    def row(p, n, scope, lat, evals, batch):
+        return {"pipeline": p, "steps": n, "scope": scope, "latency_s_median": lat, "network_evals": evals, "network_batch": batch}
+
+    rows = [row("t", 50, "network", 0.50, 50, 2), row("t", 50, "end_to_end", 0.52, 50, 2),
+            row("s", 4, "network", 0.028, 4, 1), row("s", 4, "end_to_end", 0.048, 4, 1)]
+    b = ratio_breakdown(rows, ("t", 50), ("s", 4))
+    assert b["ideal_ratio_by_evaluations"] == 25.0 and b["ratio_of_forward_counts"] == 12.5
+    assert b["numerator"]["ms_per_forward"] == 10.0 and b["denominator"]["ms_per_forward"] == 7.0
+    assert b["forward_cost_ratio"] == pytest.approx(10 / 7, abs=1e-3)
+    assert b["denominator"]["ms_outside_denoiser"] == pytest.approx(20.0)
+    text = explain_breakdown(b)
+    assert "25x" in text and "17.9x" in text
+    assert ratio_breakdown(rows[:2], ("t", 50), ("s", 4)) == {}

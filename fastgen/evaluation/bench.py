@@ -510,15 +510,56 @@ def run_speed(suite: Suite, log=print) -> dict:
                     f"p90 {r['latency_s_p90']:.4f} s")
             rows.extend(got)
         del pipe
-    ratios = {}
+    ratios, breakdown = {}, {}
     if spec.ratio:
         num, den = (_parse_point(x) for x in spec.ratio)
         for scope in spec.scopes:
             ratios[f"{num[0]}@{num[1]} / {den[0]}@{den[1]} ({scope})"] = round(speed_ratio(rows, num, den, scope=scope), 3)
+        breakdown = ratio_breakdown(rows, num, den)
     protocol = {"suite": suite.name, **asdict(spec), "device": device, **versions(), "fastgen_commit": git_commit(),
                 "pipelines": pipelines, "cpu": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads()}
-    return {"rows": rows, "ratios": ratios, "protocol": protocol}
+    return {"rows": rows, "ratios": ratios, "ratio_breakdown": breakdown, "protocol": protocol}
+
+
+def ratio_breakdown(rows: list[dict], num: tuple[str, int], den: tuple[str, int]) -> dict:
+    """Where a measured speed-up falls short of the ratio of network evaluations (images through the
+    denoiser): the cost of one forward at each side's batch, and the fixed cost outside the denoiser."""
+    def pick(point, scope):
+        for r in rows:
+            if (r["pipeline"], r["steps"], r["scope"]) == (*point, scope):
+                return r
+        return None
+
+    out = {}
+    for tag, point in (("numerator", num), ("denominator", den)):
+        net, e2e = pick(point, "network"), pick(point, "end_to_end")
+        if not net or not e2e:
+            return {}
+        out[tag] = {"point": f"{point[0]}@{point[1]}", "forwards": net["network_evals"], "batch_per_forward": net["network_batch"],
+                    "image_evaluations": net["network_evals"] * net["network_batch"],
+                    "ms_per_forward": round(1000 * net["latency_s_median"] / max(net["network_evals"], 1), 3),
+                    "ms_outside_denoiser": round(1000 * (e2e["latency_s_median"] - net["latency_s_median"]), 3)}
+    n, d = out["numerator"], out["denominator"]
+    out["ideal_ratio_by_evaluations"] = round(n["image_evaluations"] / d["image_evaluations"], 3)
+    out["ratio_of_forward_counts"] = round(n["forwards"] / d["forwards"], 3)
+    out["forward_cost_ratio"] = round(n["ms_per_forward"] / d["ms_per_forward"], 3)
+    return out
+
+
+def explain_breakdown(b: dict) -> str:
+    if not b:
+        return ""
+    n, d = b["numerator"], b["denominator"]
+    return (f"Breakdown of {n['point']} / {d['point']}: the ideal {b['ideal_ratio_by_evaluations']:g}x counts image evaluations "
+            f"({n['image_evaluations']} vs {d['image_evaluations']}). Measured, {n['point']} runs {n['forwards']} forwards at "
+            f"batch {n['batch_per_forward']} ({n['ms_per_forward']:.2f} ms each) and {d['point']} {d['forwards']} forwards at batch "
+            f"{d['batch_per_forward']} ({d['ms_per_forward']:.2f} ms each): one batch-{n['batch_per_forward']} forward costs "
+            f"{b['forward_cost_ratio']:.2f}x a batch-{d['batch_per_forward']} forward, not {n['batch_per_forward'] / d['batch_per_forward']:g}x, "
+            f"so the network ratio is {b['ratio_of_forward_counts']:g} x {b['forward_cost_ratio']:.2f} = "
+            f"{b['ratio_of_forward_counts'] * b['forward_cost_ratio']:.1f}x. End to end, both also pay the work outside the denoiser "
+            f"(text encoding, scheduler, VAE decode, pipeline overhead): {n['ms_outside_denoiser']:.1f} ms vs "
+            f"{d['ms_outside_denoiser']:.1f} ms, which pulls the end-to-end ratio further down.")
 
 
 def _parse_point(text: str) -> tuple[str, int]:
@@ -601,7 +642,15 @@ def plot_quality_vs_latency(quality: dict, speed: dict, path: Path, column: str 
                 ls="-" if len(ps) > 1 else "none", label=m)
         for p in ps:
             ax.annotate(f"{p[1]}", (p[2], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    values = [p[3] for p in pts]
+    if min(values) > 0 and max(values) / min(values) > 8:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(f"latency per call, {scope.replace('_', ' ')} (s, median, {speed['protocol'].get('device')})")
     ax.set_ylabel(f"{column} ({'lower' if column in LOWER_IS_BETTER else 'higher'} is better)")
     ax.set_title("quality vs latency (labels: steps)", fontsize=9)
@@ -642,7 +691,7 @@ def write_speed_report(result: dict, out_dir: str | Path, name: str, note: str =
     out_dir = Path(out_dir)
     write_json(out_dir / f"{name}.json", result)
     proto = result["protocol"]
-    lines = [f"# Sampling speed: {proto['suite']}\n\n",
+    lines = [f"# Sampling speed (suite `{proto['suite']}`)\n\n",
              f"Device `{proto['device']}` ({proto['threads']} threads), dtype {proto['dtype']}, batch {proto['batch_size']}, "
              f"{proto['warmup']} warm-up + {proto['repeats']} timed calls per point, median and p90; "
              f"torch {proto['torch']}, diffusers {proto['diffusers']}, commit `{proto['fastgen_commit']}`. "
@@ -651,6 +700,8 @@ def write_speed_report(result: dict, out_dir: str | Path, name: str, note: str =
              markdown_table(result["rows"], SPEED_TABLE), "\n"]
     for k, v in result.get("ratios", {}).items():
         lines.append(f"- **{k}**: {v}x\n")
+    if result.get("ratio_breakdown"):
+        lines.append("\n" + explain_breakdown(result["ratio_breakdown"]) + "\n")
     if note:
         lines.append("\n" + note.strip() + "\n")
     atomic_write_text(out_dir / f"{name}.md", "".join(lines))

@@ -443,5 +443,5 @@ class FID:
                 "quantisation": "round to 8 bits (PNG-equivalent) before preprocessing",
                 "reference": (self.reference_meta or {}).get("dataset"),
                 "reference_images": self.reference_count,
-                "stats_cache": str(self.cache_path) if self.cache_path else None,
+                "stats_cache": f"$FASTGEN_CACHE/fid_stats/{self.cache_path.name}" if self.cache_path else None,
                 "distance": "torchmetrics FrechetInceptionDistance (float64)"}
