@@ -40,7 +40,7 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
 
 def test_unknown_metric_lists_the_available_ones():
     suite = suite_from_dict({"name": "x", "samples": 12, "metrics": ["digits", "fidd"], "pipelines": [{"label": "a", "folder": "f"}]})
-    with pytest.raises(ConfigError, match=r"unknown metric\(s\) fidd; available: clip, digits, fid, hps"):
+    with pytest.raises(ConfigError, match=r"unknown metric\(s\) fidd; available: clip, digits, digits_reward, fid, hf_energy, hps"):
         build_metrics(suite, load_prompt_set(suite))
     assert main(["bench", "quality", "--pipeline", "a=digits-sd", "--metrics", "bogus", "--samples", "6"]) == 2
 

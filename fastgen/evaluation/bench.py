@@ -397,7 +397,57 @@ class HPSMetric(BenchMetric):
         return self.scorer.describe()
 
 
-METRICS: dict[str, type[BenchMetric]] = {"digits": DigitsMetric, "fid": FIDMetric, "clip": CLIPMetric, "hps": HPSMetric}
+class DigitsRewardMetric(BenchMetric):
+    """Mean digits reward (log p(digit) + log p(colour) of the prompted pair; 0 is best)."""
+
+    name = "digits_reward"
+    columns = ["digits_reward"]
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        from fastgen.rewards import DigitsReward
+
+        self.reward = DigitsReward()
+
+    @torch.no_grad()
+    def score(self, images, ps):
+        from fastgen.evaluation.fid import quantize_uint8
+
+        imgs = quantize_uint8(images).float() / 255.0
+        r = torch.cat([self.reward(imgs[i : i + 500], ps.prompts[i : i + 500]) for i in range(0, len(imgs), 500)])
+        return {"digits_reward": round(float(r.mean()), 4)}
+
+    def describe(self):
+        return self.reward.describe()
+
+
+class HFEnergyMetric(BenchMetric):
+    """Mean share of spectral energy above half the Nyquist frequency (reward hacking shows up here)."""
+
+    name = "hf_energy"
+    columns = ["hf_energy"]
+    cutoff = 0.5
+
+    def __init__(self, suite: Suite, prompt_set: PromptSet):
+        self.reference = None
+        if "digits" in prompt_set.labels:
+            from fastgen.data.digits import DigitsDataset
+            from fastgen.evaluation.hf_energy import hf_energy
+
+            pixels, _, _ = DigitsDataset("test").all_pixels(32)
+            self.reference = round(float(hf_energy(pixels, self.cutoff).mean()), 5)
+
+    def score(self, images, ps):
+        from fastgen.evaluation.hf_energy import hf_energy
+
+        return {"hf_energy": round(float(hf_energy(images, self.cutoff).mean()), 5)}
+
+    def describe(self):
+        return {"definition": "share of luminance spectral energy above 0.5 x Nyquist (radial), per image, mean",
+                "cutoff": self.cutoff, "real_images_value": self.reference}
+
+
+METRICS: dict[str, type[BenchMetric]] = {"digits": DigitsMetric, "fid": FIDMetric, "clip": CLIPMetric, "hps": HPSMetric,
+                                         "digits_reward": DigitsRewardMetric, "hf_energy": HFEnergyMetric}
 
 
 def register_metric(name: str, cls: type[BenchMetric]) -> None:

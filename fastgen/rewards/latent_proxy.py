@@ -1,0 +1,924 @@
+"""A latent proxy reward model (LRM): a small CLIP-style model that scores VAE latents directly.
+
+Reward-guided distillation backpropagates a reward through the student's outputs.  With an
+expert reward over *pixels* that means decoding every sample with the VAE, which is slow and
+memory hungry.  A latent reward model instead reads the latents the denoiser produces and
+scores them against the prompt without any decoding::
+
+    LRM(z, prompt) = cos(E_img(z), E_txt(prompt))          (forward)
+    logits        = cos * exp(logit_scale)                  (logits; logit_scale <= log 100)
+
+It is built in two phases:
+
+1. **Contrastive pre-training** on (latent, caption) pairs (:func:`pretrain_lrm`), with an
+   InfoNCE loss that treats every item of the same class as a positive
+   (:func:`label_aware_info_nce`): the digits world has only 60 distinct (digit, colour) classes,
+   so a batch holds many positives per caption.
+2. **Online alignment** with an expert pixel reward while the student trains
+   (:class:`LRMAligner`): for each prompt three candidate latents (the student's one-step output,
+   the EMA target's output and a real data latent) are decoded and scored by the expert; the LRM
+   is trained so that its pairwise Bradley-Terry preferences match the expert's
+   (:func:`pairwise_preference_loss`).
+
+Latents are always in the *diffusion space*, i.e. what the denoiser sees: VAE latents minus the
+shift factor, times the scaling factor (:meth:`fastgen.models.teacher.Teacher.encode`).
+
+Command line::
+
+    python -m fastgen.rewards.latent_proxy pretrain [--teacher digits-sd] [--out runs/lrm-digits] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.errors import ConfigError, DataError, FastgenError, ModelLoadError
+from fastgen.rewards.base import RewardModel
+
+__all__ = [
+    "LRMConfig",
+    "LatentRewardModel",
+    "LRMPretrainConfig",
+    "LRMAligner",
+    "PAIRS",
+    "label_aware_info_nce",
+    "pairwise_preference_loss",
+    "pretrain_lrm",
+    "teacher_decoder",
+    "main",
+]
+
+#: Upper bound of ``logit_scale`` (CLIP's clamp: the temperature never drops below 1/100).
+MAX_LOGIT_SCALE = math.log(100.0)
+
+#: Candidate pairs compared by the alignment loss: (student, target), (student, real), (target, real).
+PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+
+#: Index of the real data latent among the three candidates.
+REAL = 2
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "pretrain_metrics.json"
+FORMAT = "fastgen-latent-reward-model"
+
+PRETRAIN_HINT = (
+    "pre-train an LRM on this teacher (`fastgen lrm pretrain --teacher <teacher folder>`, or "
+    "`python -m fastgen.rewards.latent_proxy pretrain --teacher <teacher folder>`)"
+)
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class LRMConfig:
+    """Architecture of a :class:`LatentRewardModel`.
+
+    Attributes:
+        latent_channels, latent_size: the latents it reads, ``[latent_channels, latent_size, latent_size]``.
+        tower: image tower, ``"cnn"`` (conv stem + residual stages + global average pool) or
+            ``"vit"`` (patchify + transformer over patch tokens and a class token).
+        width: channels of the CNN / token width of the ViT.
+        depth: residual stages (CNN) or transformer layers (ViT).
+        patch_size: ViT patch size (must divide ``latent_size``).
+        heads: ViT attention heads (must divide ``width``).
+        embed_dim: size of the shared image-text embedding.
+        text_max_length: prompts are padded / truncated to this many tokens.
+        text_width, text_layers, text_heads: the text transformer.
+        vocab_size: token vocabulary; ``0`` takes the size of the tokenizer.
+        init_logit_scale: initial ``logit_scale`` (``log(1/0.07)`` as in CLIP).
+        latent_scaling: the latent space it reads; only ``"diffusion"`` (the denoiser's space:
+            VAE latents minus shift, times scaling factor) is supported.
+    """
+
+    latent_channels: int = 4
+    latent_size: int = 8
+    tower: str = "cnn"
+    width: int = 64
+    depth: int = 3
+    patch_size: int = 2
+    heads: int = 4
+    embed_dim: int = 64
+    text_max_length: int = 16
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    vocab_size: int = 0
+    init_logit_scale: float = math.log(1 / 0.07)
+    latent_scaling: str = "diffusion"
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        for name in ("latent_channels", "latent_size", "width", "depth", "embed_dim", "text_max_length",
+                     "text_width", "text_layers", "text_heads", "patch_size", "heads"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"LRM config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tower not in ("cnn", "vit"):
+            raise ConfigError(f"LRM config: unknown tower {self.tower!r}; use 'cnn' or 'vit'")
+        if self.tower == "vit":
+            if self.latent_size % self.patch_size:
+                raise ConfigError(f"LRM config: patch_size {self.patch_size} does not divide latent_size "
+                                  f"{self.latent_size}; pick a patch size that divides it")
+            if self.width % self.heads:
+                raise ConfigError(f"LRM config: heads {self.heads} does not divide width {self.width}")
+        if self.text_width % self.text_heads:
+            raise ConfigError(f"LRM config: text_heads {self.text_heads} does not divide text_width {self.text_width}")
+        if self.latent_scaling != "diffusion":
+            raise ConfigError(f"LRM config: latent_scaling {self.latent_scaling!r} is not supported; the LRM reads "
+                              f"latents in the 'diffusion' space (what the denoiser sees)")
+        if self.vocab_size < 1:
+            raise ConfigError("LRM config: vocab_size must be positive (0 means 'take it from the tokenizer', "
+                              "which needs a tokenizer)")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (int(self.latent_channels), int(self.latent_size), int(self.latent_size))
+
+
+# --------------------------------------------------------------------------- towers
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: as many as possible with at least 4 channels each (at most 32)."""
+    for g in (32, 16, 8, 4, 2):
+        if channels % g == 0 and channels // g >= 4:
+            return g
+    return 1
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(channels), channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(channels), channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+class _CNNTower(nn.Module):
+    """Conv stem, ``depth`` residual stages (stride-2 downsampling between them while the map is
+    larger than 2x2), GroupNorm + SiLU, global average pool, linear projection."""
+
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        w = cfg.width
+        self.stem = nn.Conv2d(cfg.latent_channels, w, 3, padding=1)
+        stages: list[nn.Module] = []
+        size = cfg.latent_size
+        for i in range(cfg.depth):
+            stages.append(_ResBlock(w))
+            if i < cfg.depth - 1 and size > 2:
+                stages.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
+                size = (size + 1) // 2
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.GroupNorm(_groups(w), w)
+        self.proj = nn.Linear(w, cfg.embed_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(z))
+        h = F.silu(self.norm(h)).mean(dim=(-2, -1))
+        return self.proj(h)
+
+
+def _encoder_layer(width: int, heads: int) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
+                                      batch_first=True, norm_first=True)
+
+
+class _ViTTower(nn.Module):
+    """Patchify conv, class token + learned positions, ``depth`` pre-norm transformer layers,
+    final LayerNorm, projection of the class token."""
+
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        w, p = cfg.width, cfg.patch_size
+        n = (cfg.latent_size // p) ** 2
+        self.patch = nn.Conv2d(cfg.latent_channels, w, p, stride=p)
+        self.cls = nn.Parameter(torch.zeros(1, 1, w))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, w) * 0.02)
+        self.layers = nn.ModuleList([_encoder_layer(w, cfg.heads) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.patch(z).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.proj(self.norm(x[:, 0]))
+
+
+class _TextTower(nn.Module):
+    """Token embedding + learned positions, pre-norm transformer layers, final LayerNorm,
+    mean over the real (non-padding) tokens, projection."""
+
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        w = cfg.text_width
+        self.token = nn.Embedding(cfg.vocab_size, w)
+        nn.init.normal_(self.token.weight, std=0.02)
+        self.pos = nn.Parameter(torch.randn(1, cfg.text_max_length, w) * 0.01)
+        self.layers = nn.ModuleList([_encoder_layer(w, cfg.text_heads) for _ in range(cfg.text_layers)])
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.token(ids) + self.pos[:, : ids.shape[1]]
+        pad = mask == 0
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        x = self.norm(x)
+        m = mask.to(x.dtype).unsqueeze(-1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.proj(pooled)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class LatentRewardModel(RewardModel):
+    """A reward model over **latents**: ``forward(latents [N,C,H,W], prompts) -> cosine [N]``.
+
+    Unlike pixel reward models it can be trained (``train()`` switches modes normally); it is
+    constructed trainable and in eval mode, :meth:`from_pretrained` returns it frozen (like every
+    reward model) unless ``trainable=True``.  Text features are cached per prompt only while the
+    text tower is frozen and in eval mode; the cache is invalidated whenever its weights change.
+
+    Args:
+        config: the architecture; ``vocab_size=0`` takes the tokenizer's size.
+        tokenizer: a transformers tokenizer (the teacher's, ``<teacher>/tokenizer``).
+        meta: free-form information saved in ``config.json`` (teacher, pre-training data, ...).
+    """
+
+    name = "lrm"
+
+    def __init__(self, config: LRMConfig, tokenizer: Any, meta: dict | None = None):
+        super().__init__()
+        if tokenizer is None:
+            raise ConfigError("LatentRewardModel needs a tokenizer (e.g. the teacher's `<teacher>/tokenizer`)")
+        if int(config.vocab_size) <= 0:
+            config = replace(config, vocab_size=len(tokenizer))
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.meta: dict = dict(meta or {})
+        self.image_tower = _CNNTower(config) if config.tower == "cnn" else _ViTTower(config)
+        self.text_tower = _TextTower(config)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._cache_key: tuple | None = None
+        self.eval()
+
+    # ------------------------------------------------------------------ modes
+
+    def train(self, mode: bool = True) -> "LatentRewardModel":
+        """Ordinary ``nn.Module.train`` semantics (pixel reward models never leave eval mode; the LRM can)."""
+        self._text_cache.clear()
+        self._cache_key = None
+        return nn.Module.train(self, mode)
+
+    def unfreeze(self) -> "LatentRewardModel":
+        """Trainable parameters, train mode."""
+        self.requires_grad_(True)
+        return self.train()
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+        self._cache_key = None
+
+    # ------------------------------------------------------------------ shapes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the latents the model reads."""
+        return self.config.latent_shape
+
+    def check_compatible(self, latent_channels: int, latent_size: int | Sequence[int]) -> None:
+        """Raise :class:`ConfigError` unless latents ``[latent_channels, *latent_size]`` fit this LRM."""
+        size = (int(latent_size), int(latent_size)) if isinstance(latent_size, (int, float)) else tuple(int(s) for s in latent_size)
+        given = (int(latent_channels), *size)
+        if given != self.latent_shape:
+            raise ConfigError(
+                f"LRM reads latents {_shape_str(self.latent_shape)} but the teacher's VAE gives {_shape_str(given)}; "
+                + PRETRAIN_HINT
+            )
+
+    def check_latents(self, latents: torch.Tensor, prompts: Sequence[str] | None = None) -> None:
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
+            raise ConfigError(
+                f"LRM reads latents {_shape_str(self.latent_shape)} but got latents "
+                f"{_shape_str(latents.shape[1:])} (batch shape {_shape_str(latents.shape)}); pass [N, "
+                f"{', '.join(map(str, self.latent_shape))}] latents in the diffusion space, or " + PRETRAIN_HINT
+            )
+        if prompts is not None and len(prompts) != len(latents):
+            raise DataError(f"{len(prompts)} prompts for {len(latents)} latents: the LRM needs exactly one prompt per latent")
+
+    # ------------------------------------------------------------------ encoders
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = self.logit_scale
+        return p.device, p.dtype
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` ``[N, text_max_length]`` on the model's device."""
+        tok = self.tokenizer([str(p) for p in prompts], padding="max_length", max_length=self.config.text_max_length,
+                             truncation=True, return_tensors="pt")
+        device, _ = self._device_dtype()
+        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features ``[N, embed_dim]`` of tokenised prompts (no cache)."""
+        return F.normalize(self.text_tower(input_ids, attention_mask).float(), dim=-1)
+
+    def _text_version(self) -> tuple | None:
+        try:
+            return tuple((p.data_ptr(), p._version) for p in self.text_tower.parameters())
+        except RuntimeError:  # inference-mode tensors do not track versions: never cache
+            return None
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features ``[N, embed_dim]``.
+
+        Computed with gradients while the text tower trains; cached per prompt only in eval mode
+        with a frozen text tower (frozen reward use), and recomputed after any weight change.
+        """
+        prompts = [str(p) for p in prompts]
+        frozen = not self.training and not any(p.requires_grad for p in self.text_tower.parameters())
+        key = self._text_version() if frozen else None
+        if key is None:
+            return self.encode_tokens(*self.tokenize(prompts))
+        if key != self._cache_key:
+            self._text_cache.clear()
+            self._cache_key = key
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            with torch.no_grad():
+                feats = self.encode_tokens(*self.tokenize(missing))
+            self._text_cache.update(zip(missing, feats))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[N, embed_dim]`` of diffusion-space latents ``[N, C, H, W]``."""
+        self.check_latents(latents)
+        device, dtype = self._device_dtype()
+        return F.normalize(self.image_tower(latents.to(device=device, dtype=dtype)).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """``exp(logit_scale)`` with ``logit_scale`` clamped to ``<= log 100``."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    # ------------------------------------------------------------------ scoring
+
+    def forward(self, latents: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # type: ignore[override]
+        """Cosine similarity ``[N]`` between each latent and its prompt (differentiable in ``latents``)."""
+        self.check_latents(latents, prompts)
+        img = self.encode_latents(latents)
+        txt = self.encode_text(prompts).to(img.device)
+        return (img * txt).sum(-1)
+
+    def logits(self, latents: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Bradley-Terry logits ``cos * exp(logit_scale)`` ``[N]``."""
+        return self.forward(latents, prompts) * self.scale()
+
+    def preference_scale(self) -> float:
+        return float(self.scale().detach())
+
+    def describe(self) -> dict:
+        return {"reward": self.name, "definition": "cos(E_img(latents), E_txt(prompt)) of a latent proxy reward model",
+                "input": "latents " + _shape_str(self.latent_shape) + " (diffusion space)", "tower": self.config.tower,
+                **({"meta": self.meta} if self.meta else {})}
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer/`` into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {
+            "format": FORMAT,
+            "version": 1,
+            "lrm_config": asdict(self.config),
+            "tokenizer": {"class": type(self.tokenizer).__name__, "folder": TOKENIZER_DIR,
+                          "max_length": self.config.text_max_length, "vocab_size": len(self.tokenizer)},
+            "meta": self.meta,
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+        self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu",
+                        trainable: bool = False) -> "LatentRewardModel":
+        """Load a folder written by :meth:`save_pretrained` (safetensors only, strict keys and shapes).
+
+        Returns the model frozen and in eval mode unless ``trainable=True``.
+
+        Raises:
+            ModelLoadError: the folder or one of its files is missing, or the weights do not match.
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError(f"LRM folder {folder} not found; {PRETRAIN_HINT.replace('this teacher', 'your teacher')}")
+        missing = [name for name, ok in ((CONFIG_FILE, (folder / CONFIG_FILE).is_file()),
+                                         (WEIGHTS_FILE, (folder / WEIGHTS_FILE).is_file()),
+                                         (TOKENIZER_DIR + "/", (folder / TOKENIZER_DIR).is_dir())) if not ok]
+        if missing:
+            raise ModelLoadError(f"LRM folder {folder} is incomplete: missing {', '.join(missing)} (an LRM folder holds "
+                                 f"{CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_DIR}/, as written by save_pretrained)")
+        try:
+            info = json.loads((folder / CONFIG_FILE).read_text())
+            raw = dict(info["lrm_config"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{folder / CONFIG_FILE} is not an LRM config ({exc}); re-save the model with "
+                                 f"LatentRewardModel.save_pretrained") from exc
+        known = {f.name for f in fields(LRMConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ModelLoadError(f"{folder / CONFIG_FILE}: unknown LRM config keys {unknown}; it was written by a "
+                                 f"different fastgen version")
+        config = LRMConfig(**raw)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any tokenizer failure is a load error
+            raise ModelLoadError(f"cannot load the LRM tokenizer from {folder / TOKENIZER_DIR}: {exc}") from exc
+        model = cls(config, tokenizer, meta=info.get("meta") or {})
+        model.load_weights(load_file(str(folder / WEIGHTS_FILE)), source=str(folder / WEIGHTS_FILE))
+        model.to(device)
+        return model.unfreeze().eval() if trainable else model.freeze()
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load with a message listing missing / unexpected keys and shape mismatches."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(f"{k} {_shape_str(state[k].shape)} != {_shape_str(own[k].shape)}"
+                        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+            if shapes:
+                parts.append(f"shape mismatches {shapes[:8]}")
+            raise ModelLoadError(f"LRM weights in {source} do not match its config: " + "; ".join(parts)
+                                 + "; the weights and config.json must come from the same save_pretrained")
+        self.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- contrastive pre-training
+
+
+def label_aware_info_nce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE where every pair with the same label is a positive.
+
+    ``logits[i, j]`` scores latent ``i`` against caption ``j``; the target of each row (latent ->
+    captions) and of each column (caption -> latents) is uniform over the items of its class.
+    """
+    pos = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    target = pos / pos.sum(1, keepdim=True)
+    img_to_txt = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    txt_to_img = -(target * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (img_to_txt + txt_to_img)
+
+
+@dataclass
+class LRMPretrainConfig:
+    """Contrastive pre-training of an LRM on a teacher's latents (:func:`pretrain_lrm`).
+
+    Attributes:
+        teacher: teacher folder or shipped alias (``digits-sd``); its VAE makes the latents and its
+            tokenizer becomes the LRM's.
+        data: the (latent, caption) source; only ``"digits"`` is supported.
+        out: output folder (``config.json``, ``model.safetensors``, ``tokenizer/``, ``pretrain_metrics.json``).
+        steps, batch_size, lr, weight_decay, seed: optimisation (AdamW, linear warm-up then cosine decay).
+        tower, width, depth, embed_dim: LRM architecture (see :class:`LRMConfig`).
+        log_every: steps between log lines.
+        train_sources: use only the first N source digits of the train split (0: all).
+    """
+
+    teacher: str = "digits-sd"
+    data: str = "digits"
+    out: str = "runs/lrm-digits"
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    tower: str = "cnn"
+    width: int = 64
+    depth: int = 3
+    embed_dim: int = 64
+    log_every: int = 100
+    train_sources: int = 0
+
+
+def _encode_all(teacher: Any, pixels01: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pixels01), batch):
+            out.append(teacher.encode(pixels01[i : i + batch] * 2 - 1).float().cpu())
+    return torch.cat(out)
+
+
+def _digits_latents(teacher: Any, split: str, resolution: int, sources: int = 0):
+    from fastgen.data.digits import PALETTE, DigitsDataset
+
+    ds = DigitsDataset(split, resolution=resolution)
+    pixels, digits, colours = ds.all_pixels(resolution)
+    if sources > 0:
+        n = min(len(pixels), sources * len(PALETTE))
+        pixels, digits, colours = pixels[:n], digits[:n], colours[:n]
+    return _encode_all(teacher, pixels), digits * len(PALETTE) + colours
+
+
+@torch.no_grad()
+def retrieval_accuracy(lrm: LatentRewardModel, latents: torch.Tensor, labels: torch.Tensor, batch: int = 512) -> float:
+    """Fraction of latents whose best-scoring canonical digits caption is their own (digit, colour)."""
+    from fastgen.data.digits import PALETTE, caption
+
+    n_col = len(PALETTE)
+    captions = [caption(k // n_col, k % n_col) for k in range(10 * n_col)]
+    was_training = lrm.training
+    lrm.eval()
+    txt = lrm.encode_tokens(*lrm.tokenize(captions))
+    correct = 0
+    for i in range(0, len(latents), batch):
+        img = lrm.encode_latents(latents[i : i + batch])
+        pred = (img @ txt.t()).argmax(1).cpu()
+        correct += int((pred == labels[i : i + batch]).sum())
+    lrm.train(was_training)
+    return correct / max(1, len(latents))
+
+
+def pretrain_lrm(config: LRMPretrainConfig) -> Path:
+    """Pre-train an LRM contrastively on the digits world's (latent, caption) pairs and save it.
+
+    The train split is rendered at the teacher's resolution in every colour, encoded once with
+    the teacher's VAE (diffusion-space latents, kept in memory) and paired with captions in random
+    templates; the loss is :func:`label_aware_info_nce`.  At the end, the test split's retrieval
+    accuracy over the 60 canonical captions is printed and written with the config and wall time
+    to ``<out>/pretrain_metrics.json``.
+
+    Returns:
+        The output folder.
+    """
+    from tqdm.auto import tqdm
+
+    from fastgen.data.digits import PALETTE, TEMPLATES, caption
+    from fastgen.models.teacher import Teacher
+    from fastgen.zoo.paths import resolve_model
+
+    t_start = time.time()
+    if config.data != "digits":
+        raise ConfigError(f"LRM pre-training data {config.data!r} is not supported: only data=digits (the digits "
+                          f"world's captioned renders) is implemented")
+    for name in ("steps", "batch_size", "log_every"):
+        if int(getattr(config, name)) < 1:
+            raise ConfigError(f"LRM pre-training: {name} must be positive, got {getattr(config, name)}")
+    if config.batch_size < 2:
+        raise ConfigError("LRM pre-training: batch_size must be at least 2 for a contrastive loss")
+    out = Path(config.out)
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    teacher_path = resolve_model(config.teacher)
+    teacher = Teacher.from_pretrained(teacher_path)
+    tokenizer = getattr(teacher.pipeline(), "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"teacher {config.teacher} has no `tokenizer` component; the LRM borrows the teacher's tokenizer")
+    resolution = int(teacher.default_resolution)
+
+    t0 = time.time()
+    train_z, train_y = _digits_latents(teacher, "train", resolution, config.train_sources)
+    test_z, test_y = _digits_latents(teacher, "test", resolution)
+    encode_s = time.time() - t0
+
+    n_col, n_cls, n_tpl = len(PALETTE), 10 * len(PALETTE), len(TEMPLATES)
+    lrm_cfg = LRMConfig(latent_channels=int(train_z.shape[1]), latent_size=int(train_z.shape[-1]), tower=config.tower,
+                        width=config.width, depth=config.depth, embed_dim=config.embed_dim, vocab_size=len(tokenizer))
+    meta = {"teacher": str(config.teacher), "teacher_path": str(teacher_path), "data": config.data,
+            "resolution": resolution, "vae_scale_factor": int(teacher.vae_scale_factor),
+            "scaling_factor": float(teacher.scaling_factor), "shift_factor": float(teacher.shift_factor)}
+    lrm = LatentRewardModel(lrm_cfg, tokenizer, meta=meta).unfreeze()
+    del teacher
+
+    # every caption the world has, template-major: row t * 60 + (digit * 6 + colour)
+    captions = [caption(k // n_col, k % n_col, t) for t in range(n_tpl) for k in range(n_cls)]
+    cap_ids, cap_mask = lrm.tokenize(captions)
+
+    opt = torch.optim.AdamW(lrm.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, config.steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    n = len(train_z)
+    bs = min(config.batch_size, n)
+    order, cursor = torch.randperm(n, generator=gen), 0
+    t_train = time.time()
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="lrm pretrain", mininterval=2.0)
+    for step in bar:
+        if cursor + bs > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + bs]
+        cursor += bs
+        labels = train_y[idx]
+        rows = torch.randint(0, n_tpl, (bs,), generator=gen) * n_cls + labels
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        txt = lrm.encode_tokens(cap_ids[uniq], cap_mask[uniq])[inv]
+        img = lrm.encode_latents(train_z[idx])
+        loss = label_aware_info_nce(lrm.scale() * img @ txt.t(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            lrm.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+        losses.append(float(loss.detach()))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
+            bar.set_postfix(loss=f"{recent:.3f}", scale=f"{lrm.preference_scale():.1f}")
+            tqdm.write(f"step {step + 1}/{config.steps}  loss {recent:.4f}  logit scale {lrm.preference_scale():.2f}")
+    bar.close()
+    train_s = time.time() - t_train
+
+    lrm.freeze()
+    test_acc = retrieval_accuracy(lrm, test_z, test_y)
+    train_acc = retrieval_accuracy(lrm, train_z[: len(test_z)], train_y[: len(test_z)])
+    lrm.save_pretrained(out)
+    wall = time.time() - t_start
+    metrics = {
+        "test_retrieval_accuracy": test_acc,
+        "train_retrieval_accuracy": train_acc,
+        "chance": 1.0 / n_cls,
+        "final_loss": sum(losses[-config.log_every:]) / max(1, len(losses[-config.log_every:])),
+        "num_train_latents": int(n),
+        "num_test_latents": int(len(test_z)),
+        "latent_shape": list(lrm.latent_shape),
+        "wall_time_s": round(wall, 2),
+        "encode_time_s": round(encode_s, 2),
+        "train_time_s": round(train_s, 2),
+        "torch_threads": torch.get_num_threads(),
+        "config": asdict(config),
+        "lrm_config": asdict(lrm.config),
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"LRM test retrieval accuracy {test_acc:.4f} over {n_cls} canonical captions (chance {1 / n_cls:.4f}); "
+          f"train {train_acc:.4f}; {wall:.0f} s; saved to {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- online alignment
+
+
+def pairwise_preference_loss(expert_logits: torch.Tensor, lrm_logits: torch.Tensor,
+                             smooth_gt_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL between the expert's and the LRM's pairwise preferences over three candidates.
+
+    Args:
+        expert_logits: ``[B, 3]`` expert rewards times its preference scale (no gradient taken).
+        lrm_logits: ``[B, 3]`` LRM logits; candidates are (student, target, real).
+        smooth_gt_label: for the pairs with the real latent, where the expert prefers the
+            generated candidate, use the target (0.5, 0.5) instead.
+
+    Returns:
+        ``(loss, agreement)``: ``sum over PAIRS of KL(p || q)`` (batch mean) with ``p`` the expert's
+        two-way softmax and ``q`` the LRM's; and the fraction of (row, pair) where the sign of the
+        expert's difference equals that of the LRM's.
+    """
+    if expert_logits.shape != lrm_logits.shape or expert_logits.ndim != 2 or expert_logits.shape[1] != 3:
+        raise DataError(f"pairwise_preference_loss takes expert and LRM logits of shape [B, 3], got "
+                        f"{_shape_str(expert_logits.shape)} and {_shape_str(lrm_logits.shape)}")
+    e = expert_logits.detach().float().to(lrm_logits.device)
+    s = lrm_logits.float()
+    loss = s.new_zeros(())
+    agree = []
+    for i, j in PAIRS:
+        p = torch.softmax(torch.stack([e[:, i], e[:, j]], 1), 1)
+        if smooth_gt_label and j == REAL:
+            gen_better = (e[:, i] > e[:, j])[:, None]
+            p = torch.where(gen_better, torch.full_like(p, 0.5), p)
+        log_q = F.log_softmax(torch.stack([s[:, i], s[:, j]], 1), 1)
+        loss = loss + F.kl_div(log_q, p, reduction="batchmean")
+        same = torch.sign(e[:, i] - e[:, j]) == torch.sign(s[:, i] - s[:, j]).detach()
+        agree.append(same.float().mean())
+    return loss, torch.stack(agree).mean()
+
+
+def teacher_decoder(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latents -> images in [0, 1]`` through a :class:`~fastgen.models.teacher.Teacher`'s VAE."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return (teacher.decode(latents).float() + 1) / 2
+
+    return decode
+
+
+class LRMAligner:
+    """Keeps an LRM aligned with an expert pixel reward during distillation.
+
+    Each :meth:`step` takes, per prompt, three candidate latents (student one-step output, EMA
+    target output, real data latent), decodes them (no grad), scores the images with the expert
+    (no grad; ``rewards * expert.preference_scale()`` as logits), scores the latents with the
+    LRM and takes one AdamW step on ``rm_loss_scale * pairwise_preference_loss`` (no gradient
+    clipping).  The LRM is trainable only inside :meth:`step`; afterwards it is frozen and in eval
+    mode, so a student loss through it never updates it.
+
+    Args:
+        lrm: the latent reward model (its own optimizer lives here).
+        expert: pixel reward model, ``expert(images in [0,1], prompts) -> [N]``.
+        decode: ``latents -> images in [0, 1]`` (see :func:`teacher_decoder`).
+        lr, weight_decay, betas: AdamW settings.
+        rm_loss_scale: multiplier of the loss.
+        update_every: update the LRM every k-th student step (see :meth:`should_update`).
+        batch_size: use a random subset of this many prompts per update (``None``: all).
+        smooth_gt_label: see :func:`pairwise_preference_loss`.
+        seed: seed of the subsampling.
+    """
+
+    def __init__(self, lrm: LatentRewardModel, expert: RewardModel, decode: Callable[[torch.Tensor], torch.Tensor],
+                 lr: float, rm_loss_scale: float = 1.0, update_every: int = 1, batch_size: int | None = None,
+                 smooth_gt_label: bool = False, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), seed: int = 0):
+        if not lr > 0:
+            raise ConfigError(f"LRM aligner: lr must be positive, got {lr}")
+        if int(update_every) < 1:
+            raise ConfigError(f"LRM aligner: update_every must be >= 1, got {update_every}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ConfigError(f"LRM aligner: batch_size must be >= 1 or None, got {batch_size}")
+        self.lrm, self.expert, self.decode = lrm, expert, decode
+        self.rm_loss_scale = float(rm_loss_scale)
+        self.update_every = int(update_every)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.smooth_gt_label = bool(smooth_gt_label)
+        self.optimizer = torch.optim.AdamW(lrm.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.updates = 0
+        self._gen = torch.Generator().manual_seed(int(seed))
+        lrm.freeze()
+
+    def should_update(self, step: int) -> bool:
+        """Whether the LRM is updated at student step ``step`` (every ``update_every``-th step, from 0)."""
+        return int(step) % self.update_every == 0
+
+    def _candidates(self, student_latents, target_latents, real_latents, prompts, subsample: bool):
+        n = len(prompts)
+        for name, z in (("student", student_latents), ("target", target_latents), ("real", real_latents)):
+            if z.ndim != 4 or len(z) != n:
+                raise DataError(f"LRM aligner: {name} latents {_shape_str(z.shape)} for {n} prompts; pass [N, C, H, W] "
+                                f"latents with one prompt per row")
+        cands = [z.detach() for z in (student_latents, target_latents, real_latents)]
+        prompts = [str(p) for p in prompts]
+        if subsample and self.batch_size is not None and n > self.batch_size:
+            idx = torch.randperm(n, generator=self._gen)[: self.batch_size]
+            cands = [z[idx.to(z.device)] for z in cands]
+            prompts = [prompts[int(i)] for i in idx]
+            n = len(prompts)
+        device = cands[0].device
+        return torch.cat([z.to(device) for z in cands]), prompts, n
+
+    @torch.no_grad()
+    def _expert_logits(self, cands: torch.Tensor, prompts: list[str], n: int) -> torch.Tensor:
+        images = self.decode(cands)
+        rewards = self.expert(images, prompts * 3).float()
+        return rewards.view(3, n).t() * float(self.expert.preference_scale())
+
+    def step(self, student_latents: torch.Tensor, target_latents: torch.Tensor, real_latents: torch.Tensor,
+             prompts: Sequence[str]) -> dict[str, float]:
+        """One LRM update; returns ``{"lrm_loss", "lrm_agreement"}`` (before the update)."""
+        cands, prompts, n = self._candidates(student_latents, target_latents, real_latents, prompts, subsample=True)
+        expert_logits = self._expert_logits(cands, prompts, n)
+        self.lrm.unfreeze()
+        try:
+            with torch.enable_grad():
+                lrm_logits = self.lrm.logits(cands, prompts * 3).view(3, n).t()
+                loss, agreement = pairwise_preference_loss(expert_logits, lrm_logits, self.smooth_gt_label)
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * self.rm_loss_scale).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                self.lrm.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+        finally:
+            self.lrm.freeze()
+        self.updates += 1
+        return {"lrm_loss": float(loss.detach()), "lrm_agreement": float(agreement)}
+
+    @torch.no_grad()
+    def evaluate(self, student_latents: torch.Tensor, target_latents: torch.Tensor, real_latents: torch.Tensor,
+                 prompts: Sequence[str]) -> dict[str, float]:
+        """Loss and agreement on all given triples without updating anything."""
+        cands, prompts, n = self._candidates(student_latents, target_latents, real_latents, prompts, subsample=False)
+        expert_logits = self._expert_logits(cands, prompts, n)
+        lrm_logits = self.lrm.logits(cands, prompts * 3).view(3, n).t()
+        loss, agreement = pairwise_preference_loss(expert_logits, lrm_logits, self.smooth_gt_label)
+        return {"lrm_loss": float(loss), "lrm_agreement": float(agreement)}
+
+    # ------------------------------------------------------------------ checkpointing
+
+    _GROUP_KEYS = ("lr", "weight_decay", "eps", "betas")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``name -> tensor`` state (safetensors-compatible).
+
+        Keys: ``lrm.<param>`` (LRM weights), ``optimizer.state.<param index>.<key>`` (AdamW moments
+        and step), ``optimizer.group.<group index>.<lr|weight_decay|eps|betas>`` and
+        ``aligner.updates``.
+        """
+        out: dict[str, torch.Tensor] = {f"lrm.{k}": v.detach().clone() for k, v in self.lrm.state_dict().items()}
+        osd = self.optimizer.state_dict()
+        for pid, state in osd["state"].items():
+            for key, val in state.items():
+                out[f"optimizer.state.{pid}.{key}"] = val.detach().clone() if torch.is_tensor(val) else torch.tensor(val)
+        for gi, group in enumerate(osd["param_groups"]):
+            for key in self._GROUP_KEYS:
+                out[f"optimizer.group.{gi}.{key}"] = torch.tensor(group[key], dtype=torch.float64)
+        out["aligner.updates"] = torch.tensor(self.updates, dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (strict for the LRM weights)."""
+        lrm_state = {k[len("lrm."):]: v for k, v in state.items() if k.startswith("lrm.")}
+        if not lrm_state:
+            raise ModelLoadError("LRM aligner state has no 'lrm.*' entries; pass the dict returned by LRMAligner.state_dict")
+        self.lrm.load_weights(lrm_state, source="the aligner state")
+        self.lrm.freeze()
+        template = self.optimizer.state_dict()
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        groups = [dict(g) for g in template["param_groups"]]
+        for key, val in state.items():
+            parts = key.split(".")
+            if key.startswith("optimizer.state.") and len(parts) == 4:
+                opt_state.setdefault(int(parts[2]), {})[parts[3]] = val
+            elif key.startswith("optimizer.group.") and len(parts) == 4:
+                gi, name = int(parts[2]), parts[3]
+                if gi >= len(groups):
+                    raise ModelLoadError(f"LRM aligner state has optimizer group {gi} but the optimizer has {len(groups)}")
+                groups[gi][name] = tuple(float(x) for x in val.tolist()) if name == "betas" else float(val)
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if "aligner.updates" in state:
+            self.updates = int(state["aligner.updates"])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastgen.rewards.latent_proxy pretrain [--config recipe.yaml] [--teacher T] [--out DIR] [key=value ...]``."""
+    from fastgen.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m fastgen.rewards.latent_proxy",
+                                     description="Latent proxy reward models (LRM).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="contrastive pre-training of an LRM on a teacher's latents",
+                       description="Keys: " + ", ".join(f.name for f in fields(LRMPretrainConfig)))
+    p.add_argument("--config", default=None, help="YAML recipe with LRMPretrainConfig keys")
+    p.add_argument("--teacher", default=None, help="teacher folder or alias (default digits-sd)")
+    p.add_argument("--out", default=None, help="output folder (default runs/lrm-digits)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 batch_size=64")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        base = {k: v for k, v in (("teacher", args.teacher), ("out", args.out)) if v is not None}
+        cfg = load_config(LRMPretrainConfig, args.config, overrides=args.overrides, base=base or None)
+        pretrain_lrm(cfg)
+    except FastgenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
