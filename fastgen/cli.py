@@ -285,6 +285,12 @@ def _bench_hps(args) -> int:
     return 0
 
 
+def _lrm(args) -> int:
+    from fastgen.rewards.latent_proxy import main as lrm_main
+
+    return lrm_main(list(args.lrm_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen", description="Distil diffusion teachers into few-step students.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -345,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--root", default=None)
     d.set_defaults(fn=_demo)
+
+    lrm = sub.add_parser("lrm", help="latent proxy reward models: `fastgen lrm pretrain [--teacher T] [--out DIR] [k=v]`",
+                         add_help=False)
+    lrm.add_argument("lrm_args", nargs=argparse.REMAINDER)
+    lrm.set_defaults(fn=_lrm)
 
     bench = sub.add_parser("bench", help="benchmark teacher and students: quality (FID/HPS/CLIP/digits) and speed")
     bsub = bench.add_subparsers(dest="command_bench", required=True)

@@ -119,8 +119,8 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     calls = []
 
     def fake_train(recipe, overrides, resume=None):
-        calls.append((recipe, resume))
-        run = Path(overrides[0].split("=", 1)[1])
+        calls.append((recipe, resume, overrides[:-1]))
+        run = Path(overrides[-1].split("=", 1)[1])
         (run / "checkpoints" / "step-1").mkdir(parents=True)
         (run / "checkpoints" / "latest").write_text("step-1")
         (run / "checkpoints" / "step-1" / "trainer_state.json").write_text('{"step": 1}')
@@ -139,9 +139,12 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     monkeypatch.setattr(fastgen.pipelines, "export_run", fake_export)
     spec = bench.PipelineSpec("s", recipe="lcd-digits", steps=[1])
     folder, d = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
-    assert calls == [("lcd-digits", None)] and d["guidance"] == 2.5 and d["height"] == 32
+    assert calls == [("lcd-digits", None, [])] and d["guidance"] == 2.5 and d["height"] == 32
     bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
     assert len(calls) == 1  # finished run reused
+    spec = bench.PipelineSpec("big", recipe="lcd-digits", overrides=["lcd.w_max=6"], run_name="lcd-big")
+    folder, _ = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    assert calls[-1] == ("lcd-digits", None, ["lcd.w_max=6"]) and folder == tmp_path / "exports" / "lcd-big"
 
 
 def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():

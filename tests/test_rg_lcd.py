@@ -96,3 +96,73 @@ def test_export_records_the_reward(teacher, tmp_path):
     info = json.loads((tmp_path / "out" / "fastgen_export.json").read_text())
     assert info["method"] == "rg-lcd-direct" and info["reward"]["reward"] == "digits" and info["reward_scale"] == 0.5
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+# --------------------------------------------------------------------------- LRM mode
+
+
+def _tiny_lrm(teacher, folder, size=None, channels=4):
+    from transformers import CLIPTokenizer
+
+    from fastgen.rewards.latent_proxy import LatentRewardModel, LRMConfig
+
+    m = make(teacher)
+    size = size or m.resolution // m.teacher.vae_scale_factor
+    tok = CLIPTokenizer.from_pretrained(str(Path(teacher) / "tokenizer"))
+    cfg = LRMConfig(latent_channels=channels, latent_size=size, width=16, depth=1, embed_dim=16, text_width=16,
+                    text_layers=1, text_heads=2, text_max_length=16)
+    LatentRewardModel(cfg, tok).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lrm_folder(teacher, tmp_path_factory):
+    return _tiny_lrm(teacher, tmp_path_factory.mktemp("lrm") / "lrm")
+
+
+def test_lrm_mode_student_and_lrm_losses_reach_only_their_own_groups(teacher, lrm_folder):
+    m = make(teacher, mode="lrm", lrm_path=str(lrm_folder), reward_scale=1.0, lrm_batch_size=3, lrm_update_every=2)
+    groups = m.parameter_groups()
+    assert set(groups) == {"student", "lrm"} and groups["lrm"]
+    assert m.optimizers_to_step(0) == ["student", "lrm"] and m.optimizers_to_step(1) == ["student"]
+    out = _step(m, batch(m))
+    assert {"lrm_loss", "lrm_agreement", "expert_reward"} <= set(out.logs) and 0 <= out.logs["lrm_agreement"] <= 1
+    assert out.logs["loss"] == pytest.approx(out.logs["lcd_loss"] - out.logs["reward"], rel=1e-5, abs=1e-6)
+    # the student loss reaches the student only (the trainer back-propagates into each group's parameters)
+    g_lrm = torch.autograd.grad(out.losses["student"], groups["lrm"], allow_unused=True, retain_graph=True)
+    g_stu = torch.autograd.grad(out.losses["student"], groups["student"], allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in g_stu)
+    # the alignment loss reaches the LRM only (its candidates are detached)
+    a_stu = torch.autograd.grad(out.losses["lrm"], groups["student"], allow_unused=True, retain_graph=True)
+    a_lrm = torch.autograd.grad(out.losses["lrm"], groups["lrm"], allow_unused=True)
+    assert all(g is None for g in a_stu) and any(g is not None and g.abs().sum() > 0 for g in a_lrm)
+    out1 = m.train_step(batch(m), 1)
+    assert set(out1.losses) == {"student"}
+    assert len(g_lrm) == len(groups["lrm"])
+
+
+def test_lrm_checkpoint_roundtrip(teacher, lrm_folder):
+    m = make(teacher, mode="lrm", lrm_path=str(lrm_folder))
+    with torch.no_grad():
+        for p in m.lrm.parameters():
+            p.add_(0.01)
+    state = m.checkpoint_state_dict()
+    assert any(k.startswith("lrm.") for k in state)
+    m2 = make(teacher, mode="lrm", lrm_path=str(lrm_folder))
+    m2.load_checkpoint_state_dict(state)
+    for (k, a), b in zip(m.lrm.state_dict().items(), m2.lrm.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ModelLoadError, match="no latent reward model"):
+        m2.load_checkpoint_state_dict({k: v for k, v in state.items() if not k.startswith("lrm.")})
+
+
+@pytest.mark.parametrize("size,channels", [(16, 4), (None, 8)])
+def test_lrm_that_does_not_match_the_teachers_latents_is_refused(teacher, tmp_path, size, channels):
+    folder = _tiny_lrm(teacher, tmp_path / "bad", size=size, channels=channels)
+    with pytest.raises(ConfigError, match=r"\[4, "):
+        make(teacher, mode="lrm", lrm_path=str(folder))
+
+
+def test_missing_lrm_outside_the_digits_world_is_an_error(teacher, tmp_path):
+    with pytest.raises(ModelLoadError, match="lrm pretrain"):
+        make(teacher, mode="lrm", lrm_path=str(tmp_path / "none"))

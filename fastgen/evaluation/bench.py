@@ -40,6 +40,8 @@ class PipelineSpec:
     negative_prompt: str | None = None
     speed_steps: list[int] | None = None  # step counts timed by `bench speed` (default: steps)
     call_kwargs: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # recipe key=value overrides (trained into runs/<run_name>)
+    run_name: str | None = None  # run folder name under runs_dir (default: the recipe name)
 
     def __post_init__(self):
         if not self.folder and not self.recipe:
@@ -177,18 +179,20 @@ def _finished(run_dir: Path) -> bool:
     return state.get("step", 0) >= cfg["train"]["max_steps"]
 
 
-def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print) -> Path:
-    """``runs/<recipe>`` trained to its last step (trained or resumed here when needed), exported to
-    ``runs/exports/<recipe>`` (re-exported when the run is newer than the export)."""
+def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print, overrides: list[str] | None = None,
+                         run_name: str | None = None) -> Path:
+    """``runs/<run_name or recipe>`` trained to its last step (trained or resumed here when needed), exported
+    to ``runs/exports/<run_name or recipe>`` (re-exported when the run is newer than the export)."""
     from fastgen.pipelines import export_run
     from fastgen.trainers.run import train
 
     runs = Path(runs_dir)
-    run_dir, out = runs / recipe, runs / "exports" / recipe
+    name = run_name or recipe
+    run_dir, out = runs / name, runs / "exports" / name
     latest = run_dir / "checkpoints" / "latest"
     if not _finished(run_dir):
         log(f"[bench] training {recipe} into {run_dir} ({'resuming' if latest.exists() else 'from scratch'})")
-        train(recipe, [f"output_dir={run_dir}"], resume="latest" if latest.exists() else None)
+        train(recipe, [*(overrides or []), f"output_dir={run_dir}"], resume="latest" if latest.exists() else None)
     stamp = out / "fastgen_export.json"
     if not stamp.is_file() or stamp.stat().st_mtime < latest.stat().st_mtime:
         log(f"[bench] exporting {run_dir} -> {out}")
@@ -202,7 +206,7 @@ def resolve_pipeline(spec: PipelineSpec, runs_dir: str | Path, log=print) -> tup
     from fastgen.zoo.paths import resolve_model
 
     if spec.recipe:
-        folder = ensure_recipe_export(spec.recipe, runs_dir, log)
+        folder = ensure_recipe_export(spec.recipe, runs_dir, log, spec.overrides, spec.run_name)
     else:
         folder = resolve_model(spec.folder)
     if not folder.is_dir():

@@ -374,7 +374,8 @@ class LatentRewardModel(RewardModel):
             self._cache_key = key
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            with torch.no_grad():
+            # ordinary (not inference-mode) tensors, so cached features can later enter autograd graphs
+            with torch.inference_mode(False), torch.no_grad():
                 feats = self.encode_tokens(*self.tokenize(missing))
             self._text_cache.update(zip(missing, feats))
         return torch.stack([self._text_cache[p] for p in prompts])
@@ -529,7 +530,7 @@ class LRMPretrainConfig:
     teacher: str = "digits-sd"
     data: str = "digits"
     out: str = "runs/lrm-digits"
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -103,7 +103,7 @@ class RGLCD(LCD):
                     f"`fastgen lrm pretrain teacher={cfg.teacher} out={path}`"
                 )
             pretrain_lrm(LRMPretrainConfig(**{"teacher": cfg.teacher, "out": str(path), **cfg.lrm_pretrain}))
-        lrm = LatentRewardModel.from_pretrained(path)
+        lrm = LatentRewardModel.from_pretrained(path, trainable=True)
         t = self.teacher
         size = self.resolution // t.vae_scale_factor
         lrm.check_compatible(t.latent_channels, size)
