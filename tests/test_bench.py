@@ -119,12 +119,16 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     calls = []
 
     def fake_train(recipe, overrides, resume=None):
+        from fastgen.config import save_config
+        from fastgen.trainers.run import load_run_config
+
         calls.append((recipe, resume, overrides[:-1]))
-        run = Path(overrides[-1].split("=", 1)[1])
+        cfg, _ = load_run_config(recipe, overrides)
+        run = Path(cfg.output_dir)
         (run / "checkpoints" / "step-1").mkdir(parents=True)
         (run / "checkpoints" / "latest").write_text("step-1")
-        (run / "checkpoints" / "step-1" / "trainer_state.json").write_text('{"step": 1}')
-        (run / "config.yaml").write_text("train: {max_steps: 1}\n")
+        (run / "checkpoints" / "step-1" / "trainer_state.json").write_text(json.dumps({"step": cfg.train.max_steps}))
+        save_config(cfg, run / "config.yaml", header={"method": "lcd"})
         return run
 
     def fake_export(run_dir, out, overwrite=False):
@@ -145,6 +149,10 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     spec = bench.PipelineSpec("big", recipe="lcd-digits", overrides=["lcd.w_max=6"], run_name="lcd-big")
     folder, _ = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
     assert calls[-1] == ("lcd-digits", None, ["lcd.w_max=6"]) and folder == tmp_path / "exports" / "lcd-big"
+    # a finished run is never reused for another configuration
+    spec = bench.PipelineSpec("other", recipe="lcd-digits", overrides=["lcd.w_max=5"], run_name="lcd-big")
+    with pytest.raises(ConfigError, match=r"different configuration .* lcd\.w_max"):
+        bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
 
 
 def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():

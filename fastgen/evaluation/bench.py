@@ -179,6 +179,36 @@ def _finished(run_dir: Path) -> bool:
     return state.get("step", 0) >= cfg["train"]["max_steps"]
 
 
+def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None:
+    """A run folder is only reused for the recipe (and overrides) it was trained with."""
+    import yaml
+
+    from fastgen.config import config_to_dict
+    from fastgen.trainers.run import load_run_config
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved.pop("method", None)
+    cfg, _ = load_run_config(recipe, overrides)
+    wanted = json.loads(json.dumps(config_to_dict(cfg), default=str))
+    saved = json.loads(json.dumps(saved, default=str))
+
+    def diff(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                yield from diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            yield prefix[:-1]
+
+    keys = list(diff(wanted, saved))
+    if keys:
+        raise ConfigError(f"{run_dir} was trained with a different configuration than recipe {recipe!r} "
+                          f"with overrides {overrides[:-1]} (differs in: {', '.join(keys[:6])}); move or delete that "
+                          f"run folder, or give this pipeline another run_name")
+
+
 def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print, overrides: list[str] | None = None,
                          run_name: str | None = None) -> Path:
     """``runs/<run_name or recipe>`` trained to its last step (trained or resumed here when needed), exported
@@ -190,6 +220,7 @@ def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print, overrides
     name = run_name or recipe
     run_dir, out = runs / name, runs / "exports" / name
     latest = run_dir / "checkpoints" / "latest"
+    _check_same_recipe(run_dir, recipe, [*(overrides or []), f"output_dir={run_dir}"])
     if not _finished(run_dir):
         log(f"[bench] training {recipe} into {run_dir} ({'resuming' if latest.exists() else 'from scratch'})")
         train(recipe, [*(overrides or []), f"output_dir={run_dir}"], resume="latest" if latest.exists() else None)
