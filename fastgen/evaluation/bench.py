@@ -87,6 +87,7 @@ class Suite:
     hps_version: str = "v2.1"
     speed: SpeedSpec | None = None
     grids: int = 0  # save the first N images of every (pipeline, steps) as a grid
+    plot_columns: list[str] = field(default_factory=list)  # quality-vs-steps plots (default: the primary metric)
 
     @property
     def display_title(self) -> str:
@@ -194,6 +195,8 @@ def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None
     cfg, _ = load_run_config(recipe, overrides)
     wanted = json.loads(json.dumps(config_to_dict(cfg), default=str))
     saved = json.loads(json.dumps(saved, default=str))
+    wanted.pop("output_dir", None)  # a run folder may be moved or renamed
+    saved.pop("output_dir", None)
 
     def diff(a, b, prefix=""):
         if isinstance(a, dict) and isinstance(b, dict):
@@ -529,6 +532,12 @@ def run_quality(suite: Suite, log=print) -> dict:
         pipe = load_pipeline_for_bench(folder)
         pipelines[spec.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__,
                                  "scheduler": type(pipe.scheduler).__name__, **d}
+        if spec.recipe:
+            import yaml
+
+            run_dir = Path(suite.runs_dir) / (spec.run_name or spec.recipe)
+            pipelines[spec.label].update(recipe=spec.recipe, overrides=list(spec.overrides),
+                                         run_config=yaml.safe_load((run_dir / "config.yaml").read_text()))
         for steps in spec.steps:
             t0 = time.perf_counter()
             images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
@@ -557,7 +566,7 @@ def run_quality(suite: Suite, log=print) -> dict:
         "fastgen_commit": git_commit(),
     }
     return {"rows": rows, "columns": ["method", "steps", "guidance", *columns, "samples", "seconds"],
-            "protocol": protocol, "_grids": grids}
+            "protocol": protocol, "_grids": grids, "_plot_columns": list(suite.plot_columns)}
 
 
 def _device(spec: SpeedSpec) -> str:
@@ -579,13 +588,16 @@ def run_speed(suite: Suite, log=print) -> dict:
     device = _device(spec)
     rows, pipelines = [], {}
     for p in suite.pipelines:
+        steps_to_time = p.steps if p.speed_steps is None else p.speed_steps
+        if not steps_to_time:
+            continue
         folder, d = resolve_pipeline(p, suite.runs_dir, log)
         pipe = load_pipeline_for_bench(folder, device, DTYPES[spec.dtype])
         pipelines[p.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__, **d}
         kwargs = dict(p.call_kwargs)
         if d.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = [d["negative_prompt"]] * spec.batch_size
-        for steps in p.speed_steps or p.steps:
+        for steps in steps_to_time:
             got = measure_pipeline_speed(pipe, label=p.label, prompt=spec.prompt, steps=steps, guidance=d["guidance"],
                                          batch_size=spec.batch_size, height=d.get("height"), width=p.width or d.get("height"),
                                          warmup=spec.warmup, repeats=spec.repeats, seed=spec.seed, scopes=tuple(spec.scopes),
@@ -665,7 +677,7 @@ def primary_column(columns: list[str]) -> str:
     return columns[3]
 
 
-LOWER_IS_BETTER = {"digits_fid", "fid"}
+LOWER_IS_BETTER = {"digits_fid", "fid", "hf_energy"}
 
 
 def _plt():
@@ -749,6 +761,7 @@ def plot_quality_vs_latency(quality: dict, speed: dict, path: Path, column: str 
 def write_quality_report(result: dict, out_dir: str | Path, name: str, title: str) -> list[Path]:
     out_dir = Path(out_dir)
     grids = result.pop("_grids", {})
+    plot_columns = result.pop("_plot_columns", [])
     write_json(out_dir / f"{name}.json", result)
     proto = result["protocol"]
     lines = [f"# {title}\n\n",
@@ -759,6 +772,11 @@ def write_quality_report(result: dict, out_dir: str | Path, name: str, title: st
         lines.append(f"- **{mname}**: " + ", ".join(f"{k}={v}" for k, v in desc.items() if not isinstance(v, dict)) + "\n")
     atomic_write_text(out_dir / f"{name}.md", "".join(lines))
     written = [out_dir / f"{name}.json", out_dir / f"{name}.md", plot_quality_vs_steps(result, out_dir / f"{name}_vs_steps.png")]
+    for col in plot_columns:
+        if col not in result["columns"]:
+            raise ConfigError(f"plot_columns names {col!r}, which no metric of this suite produces ({result['columns'][3:-2]})")
+        if col != primary_column(result["columns"]):
+            written.append(plot_quality_vs_steps(result, out_dir / f"{name}_{col}_vs_steps.png", column=col))
     if grids:
         from fastgen.evaluation.reports import save_grid
 
