@@ -9,7 +9,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from open_clip import factory as oc_factory
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
@@ -27,6 +26,7 @@ from fastgen.evaluation.hps import (
     hps_preprocess_pil,
     load_benchmark_prompts,
 )
+from tiny_models import tiny_open_clip_configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,22 +35,10 @@ TINY_CLIP = "fastgen-tiny-clip"
 PROMPTS = ["a photo of a cat sitting on a red sofa", "an astronaut riding a horse on the moon", "a blue car"]
 
 
-def _tiny_cfg(image_size: int, patch_size: int) -> dict:
-    return {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16, "patch_size": patch_size},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
-def tiny_open_clip_configs():
-    """Register tiny open_clip architectures for the duration of this module."""
-    added = {TINY_HPS: _tiny_cfg(224, 32), TINY_CLIP: _tiny_cfg(64, 16)}
-    oc_factory._MODEL_CONFIGS.update(added)
-    yield
-    for name in added:
-        oc_factory._MODEL_CONFIGS.pop(name, None)
+def _tiny_configs():
+    with tiny_open_clip_configs(TINY_HPS, TINY_CLIP):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from open_clip import factory as oc_factory
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
@@ -17,6 +16,7 @@ from fastgen.errors import DataError, ModelLoadError
 from fastgen.evaluation.hps import HPS_MEAN, HPS_STD, HPS_VERSIONS
 from fastgen.rewards import REWARDS, WeightedReward, load_reward
 from fastgen.rewards.experts import CLIPReward, HPSReward, PickScoreReward, ProcessorImageTransform
+from tiny_models import tiny_open_clip_configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,22 +28,10 @@ PICK_MEAN, PICK_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 PICK_SIZE = 32
 
 
-def _tiny_cfg(image_size: int, patch_size: int) -> dict:
-    return {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16, "patch_size": patch_size},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
-def tiny_open_clip_configs():
-    """Register tiny open_clip architectures for the duration of this module."""
-    added = {TINY_HPS: _tiny_cfg(224, 32), TINY_CLIP: _tiny_cfg(64, 16)}
-    oc_factory._MODEL_CONFIGS.update(added)
-    yield
-    for name in added:
-        oc_factory._MODEL_CONFIGS.pop(name, None)
+def _tiny_configs():
+    with tiny_open_clip_configs(TINY_HPS, TINY_CLIP):
+        yield
 
 
 def _open_clip_model(name: str, seed: int):

@@ -18,6 +18,7 @@ Builders: :func:`make_tiny_sd` (SD1.x epsilon or SD2.x v-prediction), :func:`mak
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -413,3 +414,26 @@ __all__ = [
     "tiny_t5_tokenizer",
     "tiny_vae",
 ]
+
+
+def tiny_open_clip_cfg(image_size: int, patch_size: int) -> dict:
+    """A tiny open_clip architecture (ViT image tower, 77-token text tower with the real BPE vocabulary)."""
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": image_size, "layers": 1, "width": 32, "head_width": 16, "patch_size": patch_size},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+@contextlib.contextmanager
+def tiny_open_clip_configs(hps_name: str, clip_name: str):
+    """Register tiny open_clip configs: ``hps_name`` at 224 px (HPS's fixed size), ``clip_name`` at 64 px."""
+    from open_clip import factory as oc_factory
+
+    added = {hps_name: tiny_open_clip_cfg(224, 32), clip_name: tiny_open_clip_cfg(64, 16)}
+    oc_factory._MODEL_CONFIGS.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            oc_factory._MODEL_CONFIGS.pop(name, None)
