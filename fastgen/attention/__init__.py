@@ -1,7 +1,11 @@
 """CLEAR-style local attention for joint text/image sequences (mask, FLOP accounting, kernels).
 
 See :func:`clear_attention` for the entry point and :mod:`fastgen.attention.mask` for the pattern.
+The diffusers integrations (:mod:`.flux`: CLEAR processors for Flux transformers; :mod:`.unet`:
+SDPA / xFormers for UNets) import diffusers and are loaded lazily on first access.
 """
+
+import importlib as _importlib
 
 from .backends import (
     BACKENDS,
@@ -27,7 +31,34 @@ from .mask import (
     window_count,
 )
 
+_LAZY = {
+    "ClearFluxAttnProcessor": "flux",
+    "ClearFluxTransformer2DModel": "flux",
+    "RecordingFluxAttnProcessor": "flux",
+    "apply_clear": "flux",
+    "clear_grid": "flux",
+    "UNET_BACKENDS": "unet",
+    "set_unet_attention": "unet",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "ClearFluxAttnProcessor",
+    "ClearFluxTransformer2DModel",
+    "RecordingFluxAttnProcessor",
+    "UNET_BACKENDS",
+    "apply_clear",
+    "clear_grid",
+    "set_unet_attention",
     "BACKENDS",
     "BackendUnavailable",
     "block_occupancy",
