@@ -702,18 +702,29 @@ def plot_quality_vs_steps(result: dict, path: Path, column: str | None = None) -
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     order = list(dict.fromkeys(r["method"] for r in rows))
+    values = [r[column] for r in rows if r.get(column) is not None]
+    # log-likelihood-like columns (all <= 0) spanning decades are drawn as -value on a log axis
+    negate = bool(values) and max(values) < 0 and min(values) / max(values) > 20
+    sign = -1.0 if negate else 1.0
     for m in order:
         rs = sorted((r for r in rows if r["method"] == m and r.get(column) is not None), key=lambda r: r["steps"])
         if len(rs) == 1:
-            ax.axhline(rs[0][column], ls="--", lw=1, label=f"{m} ({rs[0]['steps']} steps)", color="k" if m == order[0] else None)
+            ax.axhline(sign * rs[0][column], ls="--", lw=1, label=f"{m} ({rs[0]['steps']} steps)",
+                       color="k" if m == order[0] else None)
         elif rs:
-            ax.plot([r["steps"] for r in rs], [r[column] for r in rs], marker="o", label=m)
+            ax.plot([r["steps"] for r in rs], [sign * r[column] for r in rs], marker="o", label=m)
+    mags = [sign * v for v in values]
+    if mags and min(mags) > 0 and max(mags) / min(mags) > 8:
+        ax.set_yscale("log")
     floor = result["protocol"].get("metrics", {}).get("digits", {}).get("real_vs_real_fid_floor")
     if floor and column == "digits_fid":
         ax.axhline(floor, color="grey", lw=0.8, ls=":", label="real-vs-real floor")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel(f"{column} ({'lower' if column in LOWER_IS_BETTER else 'higher'} is better)")
+    if negate:
+        ax.set_ylabel(f"-{column} (lower is better)")
+    else:
+        ax.set_ylabel(f"{column} ({'lower' if column in LOWER_IS_BETTER else 'higher'} is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = _save_fig(fig, path)
