@@ -249,7 +249,11 @@ def digits_backend(classifier=None) -> ModuleFeatures:
         from fastgen.zoo import paths
 
         classifier = paths.load_classifier()
-    return ModuleFeatures(classifier, "digits-classifier", classifier.num_features, output_index=2)
+    dims = getattr(classifier, "num_features", None)
+    if dims is None:  # any (digits, colours, features) module: probe once for the feature size
+        with torch.no_grad():
+            dims = classifier(torch.zeros(1, 3, 32, 32))[2].shape[-1]
+    return ModuleFeatures(classifier, "digits-classifier", int(dims), output_index=2)
 
 
 # --------------------------------------------------------------------------------------------
