@@ -90,6 +90,12 @@ if torch.cuda.is_available():
 run_step sd15_speed timeout --kill-after=20 420 "$PY" benchmarks/gpu/sd15_speed.py --out "$OUT" ${SD15_SPEED_ARGS:-}
 [[ -f "$OUT/sd15_speed.md" ]] && cat "$OUT/sd15_speed.md"
 
+# CLEAR local attention: full SDPA vs flex (raster and 2D tiles) vs the fused triton kernel at 4K/16K/64K
+# image tokens + 512 text tokens, r = 8/16/32, bf16 (24 heads x 128, FLUX's shape).
+run_step clear_attention timeout --kill-after=20 300 "$PY" benchmarks/clear_attention.py --device cuda --dtype bfloat16 \
+    --out "$OUT" --budget-s 240
+[[ -f "$OUT/clear_attention.md" ]] && cat "$OUT/clear_attention.md"
+
 # ============================================================================= MORE GPU STEPS HERE
 # Append further steps below, each as one `run_step NAME CMD...` line with its own `timeout`, e.g.
 #   run_step attention_kernels timeout 180 "$PY" benchmarks/gpu/attention_kernels.py --out "$OUT"
