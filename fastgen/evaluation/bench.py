@@ -163,8 +163,11 @@ def _merge(node, updates: dict, where: str) -> None:
 ALIAS_DEFAULTS = {  # sampling defaults of the shipped digits teachers
     "digits-sd": {"guidance": 3.0, "height": 32},
     "digits-unet": {"guidance": 3.0, "height": 32},
-    "digits-flux": {"guidance": 4.0, "height": 64, "negative_prompt": ""},
-    "digits-dit": {"guidance": 4.0, "height": 64, "negative_prompt": ""},
+    # FluxPipeline runs true CFG only with true_cfg_scale > 1 and a negative prompt; its CLIP "T5" slot takes 16 tokens
+    "digits-flux": {"guidance": 1.0, "height": 64, "negative_prompt": "",
+                    "call_kwargs": {"true_cfg_scale": 4.0, "max_sequence_length": 16}},
+    "digits-dit": {"guidance": 1.0, "height": 64, "negative_prompt": "",
+                   "call_kwargs": {"true_cfg_scale": 4.0, "max_sequence_length": 16}},
 }
 
 
@@ -542,7 +545,7 @@ def run_quality(suite: Suite, log=print) -> dict:
             t0 = time.perf_counter()
             images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
                                      height=d.get("height"), width=spec.width, negative_prompt=d.get("negative_prompt"),
-                                     **spec.call_kwargs)
+                                     **{**d.get("call_kwargs", {}), **spec.call_kwargs})
             seconds = time.perf_counter() - t0
             row = {"method": spec.label, "steps": steps, "guidance": d["guidance"]}
             for m in metrics:
@@ -594,7 +597,7 @@ def run_speed(suite: Suite, log=print) -> dict:
         folder, d = resolve_pipeline(p, suite.runs_dir, log)
         pipe = load_pipeline_for_bench(folder, device, DTYPES[spec.dtype])
         pipelines[p.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__, **d}
-        kwargs = dict(p.call_kwargs)
+        kwargs = {**d.get("call_kwargs", {}), **p.call_kwargs}
         if d.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = [d["negative_prompt"]] * spec.batch_size
         for steps in steps_to_time:

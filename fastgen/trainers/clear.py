@@ -353,10 +353,6 @@ class Clear(Method):
     def _device(self) -> torch.device:
         return next(self.student.parameters()).device
 
-    def train(self, mode: bool = True) -> "Clear":
-        super().train(mode)  # the Teacher keeps itself in eval mode
-        return self
-
     # ------------------------------------------------------------------ networks
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -565,6 +561,12 @@ class Clear(Method):
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("key") == key:
                 return TeacherLatents(load_file(os.fspath(lat_path))["latents"], meta["prompts"])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise DataError(
+                f"the CLEAR teacher-data cache '{folder}' does not exist yet; build it once in a single process "
+                "before a multi-process run (every rank would sample it), e.g.\n  python -c \"from fastgen.trainers.run "
+                "import load_run_config, build_method; c, m = load_run_config('RECIPE'); build_method(c, m).train_dataset()\""
+            )
         latents = self.generate_latents(prompts)
         self._write_cache(folder, latents, prompts, key)
         return TeacherLatents(latents, prompts)
