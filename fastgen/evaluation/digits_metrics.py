@@ -103,3 +103,21 @@ class DigitsEvaluator:
             digits_fid=self.fid.score(images),
             samples=len(images),
         )
+
+
+def cached_digits_evaluator(owner) -> tuple["DigitsEvaluator", float] | None:
+    """``(evaluator, real-vs-real floor)`` built once per ``owner`` (a trainer's method) and kept on it;
+    ``None`` when the shipped digits classifier is not available."""
+    cached = getattr(owner, "_digits_eval", None)
+    if cached is None:
+        from fastgen.errors import ModelLoadError
+        from fastgen.zoo import paths
+
+        try:
+            classifier = paths.load_classifier()
+        except ModelLoadError:
+            return None
+        evaluator = DigitsEvaluator(classifier)
+        cached = (evaluator, evaluator.real_floor())
+        object.__setattr__(owner, "_digits_eval", cached)
+    return cached

@@ -787,18 +787,12 @@ class LCD(Method):
         if self.config.eval_samples <= 0 or not self.is_digits_world():
             return {}
         from fastgen.data.digits import eval_prompts
-        from fastgen.zoo import paths
+        from fastgen.evaluation.digits_metrics import cached_digits_evaluator
 
-        if getattr(self, "_digits_eval", None) is None:
-            from fastgen.evaluation.digits_metrics import DigitsEvaluator
-
-            try:
-                classifier = paths.load_classifier()
-            except ModelLoadError:
-                return {}
-            evaluator = DigitsEvaluator(classifier)
-            object.__setattr__(self, "_digits_eval", (evaluator, evaluator.real_floor()))
-        evaluator, floor = self._digits_eval
+        cached = cached_digits_evaluator(self)
+        if cached is None:
+            return {}
+        evaluator, floor = cached
         prompts, digits, colours = eval_prompts(self.config.eval_samples, seed=0)
         gen = torch.Generator(device=self._device()).manual_seed(self.config.seed)
         chunks = [
