@@ -468,3 +468,28 @@ def test_benchmark_quick_smoke(tmp_path):
     flex = next(r for r in data["rows"] if r["backend"] == "flex_tiled")
     assert flex["median_ms"] > 0 and flex["first_call_s"] > 0 and 0 < flex["ideal_flop_fraction"] < 1
     assert (tmp_path / "clear_attention_quick.md").read_text().startswith("# CLEAR attention latency")
+
+
+def test_flux_clear_speed_tiny_cpu(tmp_path):
+    """benchmarks/gpu/flux_clear_speed.py: the tiny FLUX architecture on CPU, full vs CLEAR (reference)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "flux_clear_speed.py"
+    spec = importlib.util.spec_from_file_location("flux_clear_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--tiny", "--device", "cpu", "--resolutions", "256", "--backends", "full,reference,triton",
+                       "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "flux_clear_speed.json").read_text())
+    rows = {r["case"]: r for r in data["rows"]}
+    assert rows["full"]["status"] == "ok" and rows["full"]["speedup_vs_full"] == 1.0
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["median_ms"] > 0
+    assert rows["triton"]["status"].startswith("not run")
+    # 16x16 image tokens + 32 text tokens, r = 4: the ideal attention fraction is the exact pair count
+    assert rows["reference"]["attn_ideal_fraction"] == pytest.approx(flop_fraction(16, 16, 32, 4)["ideal"])
+    assert 0 < rows["triton"]["model_flop_fraction"] < 1 and data["settings"]["config"]["num_layers"] == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--resolutions", "1000"])  # not a multiple of 16

@@ -3,7 +3,11 @@
 #
 #     bash benchmarks/gpu/run.sh            # results in $OUT (default benchmarks/results/gpu)
 #     OUT=/tmp/gpu SD15_SPEED_ARGS="--repeats 5 --no-compile" bash benchmarks/gpu/run.sh
+#     STEPS="clear_attention flux_clear_speed" bash benchmarks/gpu/run.sh     # only these steps
 #
+# The step timeouts add up to under 10 minutes (one device call): sd15_speed 180 s, clear_attention
+# 120 s, flux_clear_speed 240 s; each step writes its results after every case, so a step cut short
+# still leaves what it measured.
 # Nothing is downloaded: the machine needs torch, diffusers and transformers already installed
 # (or a .venv carried along in the repository root). Every step goes through `run_step`, which logs
 # start, end, duration and exit code to $OUT/run_log.txt and the step's output to $OUT/<name>.log;
@@ -29,6 +33,10 @@ run_step() {
     local name=$1
     shift
     local start rc
+    if [[ -n ${STEPS:-} && " $STEPS " != *" $name "* ]]; then
+        log "SKIP  $name (not in STEPS=$STEPS)"
+        return 0
+    fi
     start=$(date +%s)
     log "START $name: $*"
     set +e
@@ -87,14 +95,20 @@ if torch.cuda.is_available():
 # SD1.5-architecture sampling speed: teacher 50 DDIM steps + CFG vs LCM student 1/2/4 steps,
 # eager and torch.compile. Extra flags via SD15_SPEED_ARGS (word-split on purpose).
 # shellcheck disable=SC2086
-run_step sd15_speed timeout --kill-after=20 420 "$PY" benchmarks/gpu/sd15_speed.py --out "$OUT" ${SD15_SPEED_ARGS:-}
+run_step sd15_speed timeout --kill-after=20 180 "$PY" benchmarks/gpu/sd15_speed.py --out "$OUT" --budget-s 150 ${SD15_SPEED_ARGS:-}
 [[ -f "$OUT/sd15_speed.md" ]] && cat "$OUT/sd15_speed.md"
 
 # CLEAR local attention: full SDPA vs flex (raster and 2D tiles) vs the fused triton kernel at 4K/16K/64K
 # image tokens + 512 text tokens, r = 8/16/32, bf16 (24 heads x 128, FLUX's shape).
-run_step clear_attention timeout --kill-after=20 300 "$PY" benchmarks/clear_attention.py --device cuda --dtype bfloat16 \
-    --out "$OUT" --budget-s 240
+run_step clear_attention timeout --kill-after=20 120 "$PY" benchmarks/clear_attention.py --device cuda --dtype bfloat16 \
+    --out "$OUT" --budget-s 100
 [[ -f "$OUT/clear_attention.md" ]] && cat "$OUT/clear_attention.md"
+
+# Whole FLUX.1-dev architecture (random weights, bf16, ~24 GB): one transformer step at 1024/2048/4096 px
+# (4K/16K/64K image tokens + 512 text), full attention vs CLEAR r=16 (triton kernel, tiled flex).
+run_step flux_clear_speed timeout --kill-after=20 240 "$PY" benchmarks/gpu/flux_clear_speed.py --device cuda \
+    --dtype bfloat16 --out "$OUT" --budget-s 200 ${FLUX_SPEED_ARGS:-}
+[[ -f "$OUT/flux_clear_speed.md" ]] && cat "$OUT/flux_clear_speed.md"
 
 # ============================================================================= MORE GPU STEPS HERE
 # Append further steps below, each as one `run_step NAME CMD...` line with its own `timeout`, e.g.
