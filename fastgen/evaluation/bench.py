@@ -709,11 +709,14 @@ def plot_quality_vs_steps(result: dict, path: Path, column: str | None = None) -
     # log-likelihood-like columns (all <= 0) spanning decades are drawn as -value on a log axis
     negate = bool(values) and max(values) < 0 and min(values) / max(values) > 20
     sign = -1.0 if negate else 1.0
+    # pipelines run at one step count (teachers, CLEAR) are reference lines, each its own colour and dash
+    ref_styles = iter([("k", "--"), ("tab:purple", "-."), ("tab:brown", ":"), ("tab:olive", "--"),
+                       ("tab:cyan", "-."), ("tab:pink", ":")] * 4)
     for m in order:
         rs = sorted((r for r in rows if r["method"] == m and r.get(column) is not None), key=lambda r: r["steps"])
         if len(rs) == 1:
-            ax.axhline(sign * rs[0][column], ls="--", lw=1, label=f"{m} ({rs[0]['steps']} steps)",
-                       color="k" if m == order[0] else None)
+            color, dash = next(ref_styles)
+            ax.axhline(sign * rs[0][column], ls=dash, lw=1.2, label=f"{m} ({rs[0]['steps']} steps)", color=color)
         elif rs:
             ax.plot([r["steps"] for r in rs], [sign * r[column] for r in rs], marker="o", label=m)
     mags = [sign * v for v in values]
