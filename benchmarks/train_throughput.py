@@ -86,6 +86,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fastgen.models.architectures import CLIP_L_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
+
 RESULT_NAME = "train_throughput"
 VARIANTS = ("batched", "separate", "cached")
 MODES = ("full", "lora")
@@ -111,38 +113,8 @@ MD_COLUMNS = [
     "device",
 ]
 
-#: The real SD1.5 UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), random weights.
-SD15_UNET = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-5,
-}
-#: The SD1.5 VAE architecture (factor 8).
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.18215,
-}
 #: CLIP ViT-L/14 text tower shape (SD1.5's text encoder), over the digits tokenizer's vocabulary.
-SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+SD15_TEXT = {k: CLIP_L_TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
 
 #: ``--quick`` stand-in: same block structure and cross-attention dim, narrow widths.
 MINI_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64))

@@ -42,7 +42,6 @@ compile error) leaves a row with ``status: error ...`` and the run goes on.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -60,11 +59,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+from fastgen.models.architectures import FLUX_DEV_TRANSFORMER  # noqa: E402
+
+FLUX_DEV = FLUX_DEV_TRANSFORMER
 TINY = dict(FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
             joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 28, 28))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -220,7 +217,7 @@ def write_results(out: Path, report: dict) -> None:
     write_json(out / "flux_clear_speed.json", report)
     env, s = report["environment"], report["settings"]
     lines = [
-        f"# FLUX.1-dev architecture (random weights): one transformer step, full attention vs CLEAR",
+        "# FLUX.1-dev architecture (random weights): one transformer step, full attention vs CLEAR",
         "",
         f"{env.get('gpu') or env.get('cpu')}, {s['dtype']}, batch 1, {s['text_len']} text tokens, "
         f"{s['parameters'] / 1e6:,.1f}M parameters, torch {env['torch']}, diffusers {env['diffusers']}; "

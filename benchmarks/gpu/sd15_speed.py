@@ -59,44 +59,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from fastgen.evaluation.reports import atomic_write_text, markdown_table, write_json  # noqa: E402
+from fastgen.models.architectures import CLIP_L_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 from fastgen.evaluation.speed import SPEED_COLUMNS, measure_pipeline_speed, speed_ratio  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 TEACHER_GUIDANCE = 7.5
 STUDENT_GUIDANCE = 1.0
 
-SD15_UNET: dict[str, Any] = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.18215,
-}
-SD15_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
+SD15_TEXT = CLIP_L_TEXT
 #: ``--tiny``: the same block structure at small widths (for CPU smoke runs).
 TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64)
 TINY_VAE = dict(SD15_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
