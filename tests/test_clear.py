@@ -446,7 +446,7 @@ def test_export_round_trip_in_a_fresh_process(flux_folder, tmp_path):
     sw = sum(float(p.detach().sum()) for n, p in m.student.named_parameters() if n.endswith("spatial_weight"))
     assert abs(got["spatial_weight_sum"] - sw) < 1e-5
 
-    images = torch.load(tmp_path / "images.pt")
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
     ours = m.sample(PROMPTS, 3, torch.Generator().manual_seed(7))
     assert images.shape == ours.shape == (2, 3, 16, 16)
     assert (images - ours).abs().max() < TOL

@@ -128,7 +128,7 @@ def test_full_and_lora_exports_load_in_stock_diffusers_in_a_fresh_process(teache
     assert info["lora_scheduler"] == "LCMScheduler"
     assert info["saved_keys"] == info["loaded_keys"] > 0 and info["same_keys"] and info["same_values"], info
 
-    images = torch.load(tmp_path / "images.pt")
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
     ours = full_m.sample(PROMPTS, 4, torch.Generator().manual_seed(0), guidance_scale=3.0)
     assert images["full"].shape == ours.shape == (2, 3, 16, 16)
     assert (images["full"] - ours).abs().max() < TOL
