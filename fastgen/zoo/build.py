@@ -325,7 +325,7 @@ def build_vae(out: Path, factor: int, resolution: int, steps: int, seed: int, cr
         lat = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 256 if steps < 50 else 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     _atomic_save(lambda p: vae.save_pretrained(p), out)
-    return vae, {"final_loss": float(loss), "scaling_factor": vae.config.scaling_factor}
+    return vae, {"final_loss": float(loss.detach()), "scaling_factor": vae.config.scaling_factor}
 
 
 @torch.no_grad()
