@@ -620,6 +620,7 @@ class Teacher(torch.nn.Module):
         t: torch.Tensor | float | int,
         embeds: PromptEmbeds,
         guidance_embed: float | torch.Tensor | None = None,
+        net: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Raw network output for ``x_t`` at time ``t``, in the latent layout ``[B, C, h, w]``.
 
@@ -631,6 +632,9 @@ class Teacher(torch.nn.Module):
             guidance_embed: guidance value for guidance-distilled Flux transformers
                 (``guidance_embeds=True``); default ``embeds.extra["guidance"]`` or
                 :attr:`embedded_guidance`. Ignored by other networks.
+            net: another denoiser of the same family to run with these conventions (e.g. a student
+                copy of :attr:`net`); default the teacher's own network. Runs on ``net``'s device
+                and dtype, with gradients when ``net`` has them.
 
         Returns:
             The output in the teacher's prediction type (see :attr:`prediction_type`), with
@@ -639,7 +643,12 @@ class Teacher(torch.nn.Module):
         if x_t.ndim != 4:
             raise ValueError(f"forward expects latents [B, C, h, w], got shape {tuple(x_t.shape)}")
         b, _, h, w = x_t.shape
-        device, dtype = self.device, self.dtype
+        if net is None:
+            net = self.net
+            device, dtype, guidance_embeds = self.device, self.dtype, self.guidance_embeds
+        else:
+            device, dtype = _module_device(net), _module_dtype(net)
+            guidance_embeds = bool(getattr(getattr(net, "config", None), "guidance_embeds", False))
         embeds = embeds.expand(b).to(device=device, dtype=dtype)
         t = self._timesteps(t, b, device)
         x = x_t.to(device=device, dtype=dtype)
@@ -653,7 +662,7 @@ class Teacher(torch.nn.Module):
                     f = self.vae_scale_factor
                     time_ids = self._sdxl_time_ids(b, h * f, w * f, device, dtype)
                 added = {"text_embeds": embeds.pooled, "time_ids": time_ids.to(dtype)}
-            out = self.net(
+            out = net(
                 x,
                 self.schedule.model_timestep(t),
                 encoder_hidden_states=embeds.hidden,
@@ -669,7 +678,7 @@ class Teacher(torch.nn.Module):
                     f"that are multiples of {self.resolution_multiple}"
                 )
             guidance = None
-            if self.guidance_embeds:
+            if guidance_embeds:
                 g = guidance_embed
                 if g is None:
                     g = embeds.extra.get("guidance", self.embedded_guidance)
@@ -677,7 +686,7 @@ class Teacher(torch.nn.Module):
                 guidance = guidance.expand(b) if guidance.ndim == 0 else guidance.reshape(b)
             txt_ids = embeds.extra.get("txt_ids")
             txt_ids = txt_ids[0] if txt_ids is not None else torch.zeros(embeds.hidden.shape[1], 3, device=device)
-            tokens = self.net(
+            tokens = net(
                 hidden_states=pack_latents(x),
                 timestep=(self.schedule.model_timestep(t) / 1000.0).to(dtype),
                 guidance=guidance,
@@ -690,7 +699,7 @@ class Teacher(torch.nn.Module):
             out = unpack_latents(tokens, h, w)
 
         elif fam == "sd3":
-            out = self.net(
+            out = net(
                 hidden_states=x,
                 timestep=self.schedule.model_timestep(t).to(dtype),
                 encoder_hidden_states=embeds.hidden,
@@ -700,13 +709,13 @@ class Teacher(torch.nn.Module):
 
         elif fam == "pixart":
             added = {"resolution": None, "aspect_ratio": None}
-            if getattr(self.net, "use_additional_conditions", False):
+            if getattr(net, "use_additional_conditions", False):
                 f = self.vae_scale_factor
                 added = {
                     "resolution": torch.tensor([h * f, w * f], device=device, dtype=dtype).expand(b, 2),
                     "aspect_ratio": torch.full((b, 1), float(h / w), device=device, dtype=dtype),
                 }
-            out = self.net(
+            out = net(
                 x,
                 encoder_hidden_states=embeds.hidden,
                 encoder_attention_mask=embeds.extra.get("attention_mask"),

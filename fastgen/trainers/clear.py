@@ -379,29 +379,7 @@ class Clear(Method):
     def velocity(self, net: torch.nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, embeds: Any) -> torch.Tensor:
         """Flux network output (the flow velocity ``eps - x0``) of ``net`` on unpacked latents ``[B, C, h, w]``,
         with the conditioning conventions of :meth:`fastgen.models.Teacher.forward`."""
-        from fastgen.models.teacher import latent_image_ids, pack_latents, unpack_latents
-
-        b, _, h, w = x_t.shape
-        p = next(net.parameters())
-        device, dtype = p.device, p.dtype
-        embeds = embeds.expand(b).to(device=device, dtype=dtype)
-        sigma = torch.as_tensor(sigma, device=device).reshape(-1).expand(b)
-        guidance = None
-        if getattr(net.config, "guidance_embeds", False):
-            guidance = torch.full((b,), self.guidance, device=device, dtype=torch.float32)
-        txt_ids = embeds.extra.get("txt_ids")
-        txt_ids = txt_ids[0] if txt_ids is not None else torch.zeros(embeds.hidden.shape[1], 3, device=device)
-        tokens = net(
-            hidden_states=pack_latents(x_t.to(device=device, dtype=dtype)),
-            timestep=(self.teacher.schedule.model_timestep(sigma) / 1000.0).to(dtype),
-            guidance=guidance,
-            pooled_projections=embeds.pooled,
-            encoder_hidden_states=embeds.hidden,
-            txt_ids=txt_ids.to(dtype),
-            img_ids=latent_image_ids(h, w, device, dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(tokens, h, w)
+        return self.teacher.forward(x_t, sigma, embeds, guidance_embed=self.guidance, net=net)
 
     def teacher_velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, embeds: Any) -> torch.Tensor:
         g = self.guidance if self.guidance_mode == "embedded" else None
