@@ -133,7 +133,44 @@ class HPSReward(RewardModel):
 # --------------------------------------------------------------------------- CLIP (open_clip)
 
 
-class CLIPReward(RewardModel):
+class _CachedTextCosineReward(RewardModel):
+    """Cosine of normalised image and text embeddings of a CLIP-style ``self.model``; each distinct
+    prompt's text embedding is computed once (:meth:`_encode_texts`) and kept."""
+
+    def _init_text_cache(self) -> None:
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _encode_texts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Normalised text embeddings ``[len(prompts), D]`` of new prompts."""
+        raise NotImplementedError
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings ``[B, D]`` of preprocessed pixels."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Normalised text embeddings ``[len(prompts), D]``; each distinct prompt is encoded once."""
+        device = _param(self.model).device
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if todo:
+            for prompt, feat in zip(todo, self._encode_texts(todo, device)):
+                self._text_cache[prompt] = feat.detach()
+        return torch.stack([self._text_cache[p].to(device) for p in prompts])
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        param = _param(self.model)
+        pixels = self.preprocess(images.to(device=param.device, dtype=torch.float32))
+        img = self._encode_images(pixels.to(param.dtype))
+        txt = self.encode_text(list(prompts)).to(img.dtype)
+        return (img * txt).sum(dim=-1).float()
+
+    def preference_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+
+class CLIPReward(_CachedTextCosineReward):
     """CLIP score of an open_clip architecture with a local checkpoint (raw cosine, not x100).
 
     ``checkpoint`` is a local weights file (``open_clip_pytorch_model.bin`` /
@@ -165,33 +202,17 @@ class CLIPReward(RewardModel):
         self.tokenizer = scorer.tokenizer
         self.model_name, self.checkpoint = model_name, scorer.checkpoint
         self.image_size, self.mean, self.std = scorer.image_size, scorer.mean, scorer.std
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._init_text_cache()
         self.freeze()
 
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Normalised text embeddings ``[len(prompts), D]``; each distinct prompt is encoded once."""
-        device = _param(self.model).device
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if todo:
-            feats = self.model.encode_text(self.tokenizer(todo).to(device), normalize=True)
-            for prompt, feat in zip(todo, feats):
-                self._text_cache[prompt] = feat.detach()
-        return torch.stack([self._text_cache[p].to(device) for p in prompts])
+    def _encode_texts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(device), normalize=True)
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return hps_preprocess(images, self.image_size, self.mean, self.std)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        param = _param(self.model)
-        pixels = self.preprocess(images.to(device=param.device, dtype=torch.float32))
-        img = self.model.encode_image(pixels.to(param.dtype), normalize=True)
-        txt = self.encode_text(list(prompts)).to(img.dtype)
-        return (img * txt).sum(dim=-1).float()
-
-    def preference_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
 
     def describe(self) -> dict:
         return {
@@ -372,7 +393,7 @@ def _weights_name(folder: Path) -> str:
     return next((n for n in _HF_WEIGHT_FILES if (folder / n).is_file()), "?")
 
 
-class PickScoreReward(RewardModel):
+class PickScoreReward(_CachedTextCosineReward):
     """PickScore: cosine of the normalised embeddings of the fine-tuned CLIP-H ``PickScore_v1``.
 
     ``model`` is a local folder of ``yuvalkirstain/PickScore_v1`` and ``processor`` one of the
@@ -422,38 +443,22 @@ class PickScoreReward(RewardModel):
         self.max_length = int(min(max_length, limit))
         self.model_name, self.processor_name = model_folder.name, proc_folder.name
         self.checkpoint = _weights_name(model_folder)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._init_text_cache()
         self.freeze()
 
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Normalised text embeddings ``[len(prompts), D]``; each distinct prompt is encoded once."""
-        device = _param(self.model).device
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if todo:
-            enc = self.tokenizer(todo, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-            feats = _as_tensor(self.model.get_text_features(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)))
-            feats = feats / feats.norm(p=2, dim=-1, keepdim=True)
-            for prompt, feat in zip(todo, feats):
-                self._text_cache[prompt] = feat.detach()
-        return torch.stack([self._text_cache[p].to(device) for p in prompts])
+    def _encode_texts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        feats = _as_tensor(self.model.get_text_features(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)))
+        return feats / feats.norm(p=2, dim=-1, keepdim=True)
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        img = _as_tensor(self.model.get_image_features(pixel_values=pixels))
+        return img / img.norm(p=2, dim=-1, keepdim=True)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return self.transform(images)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        param = _param(self.model)
-        pixels = self.preprocess(images.to(device=param.device, dtype=torch.float32))
-        img = _as_tensor(self.model.get_image_features(pixel_values=pixels.to(param.dtype)))
-        img = img / img.norm(p=2, dim=-1, keepdim=True)
-        txt = self.encode_text(list(prompts)).to(img.dtype)
-        return (img * txt).sum(dim=-1).float()
-
-    def preference_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
 
     def describe(self) -> dict:
         return {
