@@ -26,7 +26,7 @@ from fastgen.evaluation.hps import (
     hps_preprocess_pil,
     load_benchmark_prompts,
 )
-from tiny_models import tiny_open_clip_configs
+from tiny_models import pattern_card, random_images, tiny_open_clip_configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,17 +60,11 @@ def hps_scorer(hps_ckpt) -> HPSScorer:
 
 
 def _pattern(width: int, height: int) -> Image.Image:
-    """A deterministic RGB test card with edges and gradients in every channel."""
-    y, x = np.mgrid[0:height, 0:width]
-    r = (x * 7 + y * 3) % 256
-    g = (x * y // 5) % 256
-    b = np.where((x // 16 + y // 16) % 2 == 0, 230, 20) + 0 * x
-    return Image.fromarray(np.stack([r, g, b], axis=-1).astype(np.uint8), "RGB")
+    return pattern_card(width, height, checker=16)
 
 
 def _images(n: int, height: int = 40, width: int = 56) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(n, 3, height, width, generator=g)
+    return random_images(n, height, width)
 
 
 def _reference_cosine(model, images: torch.Tensor, prompts: list[str], model_name: str = TINY_HPS) -> torch.Tensor:

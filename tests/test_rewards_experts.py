@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
@@ -16,7 +15,7 @@ from fastgen.errors import DataError, ModelLoadError
 from fastgen.evaluation.hps import HPS_MEAN, HPS_STD, HPS_VERSIONS
 from fastgen.rewards import REWARDS, WeightedReward, load_reward
 from fastgen.rewards.experts import CLIPReward, HPSReward, PickScoreReward, ProcessorImageTransform
-from tiny_models import tiny_open_clip_configs
+from tiny_models import pattern_card, random_images, tiny_open_clip_configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,17 +110,11 @@ def pick_reward(pick_folders) -> PickScoreReward:
 
 
 def _pattern(width: int, height: int) -> Image.Image:
-    """A deterministic RGB test card (wrapping ramps, products, a checkerboard) from numpy arithmetic."""
-    y, x = np.mgrid[0:height, 0:width]
-    r = (x * 7 + y * 3) % 256
-    g = (x * y // 5) % 256
-    b = np.where((x // 8 + y // 8) % 2 == 0, 230, 20) + 0 * x
-    return Image.fromarray(np.stack([r, g, b], axis=-1).astype(np.uint8), "RGB")
+    return pattern_card(width, height, checker=8)
 
 
 def _images(n: int, height: int = 30, width: int = 45) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(n, 3, height, width, generator=g)
+    return random_images(n, height, width)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -437,3 +437,23 @@ def tiny_open_clip_configs(hps_name: str, clip_name: str):
     finally:
         for name in added:
             oc_factory._MODEL_CONFIGS.pop(name, None)
+
+
+# --------------------------------------------------------------------------- test images
+
+
+def pattern_card(width: int, height: int, checker: int = 16):
+    """A deterministic RGB PIL test card: wrapping ramps, products and a ``checker``-pixel checkerboard."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    r = (x * 7 + y * 3) % 256
+    g = (x * y // 5) % 256
+    b = np.where((x // checker + y // checker) % 2 == 0, 230, 20) + 0 * x
+    return Image.fromarray(np.stack([r, g, b], axis=-1).astype(np.uint8), "RGB")
+
+
+def random_images(n: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
+    """``n`` seeded uniform images ``[n, 3, height, width]`` in [0, 1]."""
+    return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
