@@ -70,7 +70,7 @@ def _demo(args) -> int:
     from fastgen.evaluation.bench import PipelineSpec, Suite, run_quality, write_quality_report
     from fastgen.pipelines import export_run
     from fastgen.pipelines.sampling import load_exported, sample_grid
-    from fastgen.trainers.run import train
+    from fastgen.trainers.engine.run import train
     from fastgen.zoo import paths
     from fastgen.zoo.build import UNET_GUIDANCE, UNET_RESOLUTION
 
@@ -98,11 +98,11 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from fastgen.trainers.run import train
+    from fastgen.trainers.engine.run import train
 
     recipe = args.config or args.method
     if args.config and args.method:
-        from fastgen.trainers.run import load_run_config
+        from fastgen.trainers.engine.run import load_run_config
 
         _, method_cls = load_run_config(args.config, args.overrides)
         if method_cls.name != args.method:

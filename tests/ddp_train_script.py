@@ -2,7 +2,7 @@
 
 usage: ddp_train_script.py RECIPE OUT_DIR [key=value ...]
 
-Trains the toy method through fastgen.trainers.run.prepare_run + Trainer.train, then every rank
+Trains the toy method through fastgen.trainers.engine.run.prepare_run + Trainer.train, then every rank
 writes its final weights (OUT_DIR/weights-rank<r>.safetensors) and the dataset indices it saw
 (OUT_DIR/seen-rank<r>.json).
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_method  # noqa: E402,F401  (registers "toy")
 from safetensors.torch import save_file  # noqa: E402
 
-from fastgen.trainers.run import prepare_run  # noqa: E402
+from fastgen.trainers.engine.run import prepare_run  # noqa: E402
 
 
 def main() -> None:

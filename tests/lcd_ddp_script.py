@@ -2,11 +2,11 @@
 
 usage: lcd_ddp_script.py OUT_DIR RECIPE [key=value ...]
 
-Builds the LCD run exactly as ``fastgen train`` does (``fastgen.trainers.run.prepare_run``: config,
+Builds the LCD run exactly as ``fastgen train`` does (``fastgen.trainers.engine.run.prepare_run``: config,
 run folder, method seeded with train.seed, Trainer with the parameter broadcast from rank 0), then
 every rank writes the method's checkpoint state (student + EMA target) before and after training:
 OUT_DIR/initial-rank<r>.safetensors and OUT_DIR/rank<r>.safetensors, plus OUT_DIR/info-rank<r>.json.
-(``fastgen.trainers.run.main`` returns only an exit code, and only rank 0 writes checkpoints, so the
+(``fastgen.trainers.engine.run.main`` returns only an exit code, and only rank 0 writes checkpoints, so the
 trainer object is needed to read every rank's own weights.)
 """
 
@@ -16,7 +16,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from fastgen.trainers.run import prepare_run
+from fastgen.trainers.engine.run import prepare_run
 
 
 def _state(trainer) -> dict:

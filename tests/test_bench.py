@@ -121,7 +121,7 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
 
     def fake_train(recipe, overrides, resume=None):
         from fastgen.config import save_config
-        from fastgen.trainers.run import load_run_config
+        from fastgen.trainers.engine.run import load_run_config
 
         calls.append((recipe, resume, overrides[:-1]))
         cfg, _ = load_run_config(recipe, overrides)
@@ -138,9 +138,9 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
         return out
 
     import fastgen.pipelines
-    import fastgen.trainers.run
+    import fastgen.trainers.engine.run
 
-    monkeypatch.setattr(fastgen.trainers.run, "train", fake_train)
+    monkeypatch.setattr(fastgen.trainers.engine.run, "train", fake_train)
     monkeypatch.setattr(fastgen.pipelines, "export_run", fake_export)
     spec = bench.PipelineSpec("s", recipe="lcd-digits", steps=[1])
     folder, d = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)

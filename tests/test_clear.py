@@ -483,7 +483,7 @@ def test_digits_dit_defaults():
 @pytest.mark.parametrize("name", ["clear-digits", "clear-flux-dev"])
 def test_recipes_parse(name):
     from fastgen.config import config_from_dict
-    from fastgen.trainers.run import load_run_config
+    from fastgen.trainers.engine.run import load_run_config
 
     recipe = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     assert recipe["method"] == "clear" and recipe["output_dir"]

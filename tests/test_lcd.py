@@ -417,7 +417,7 @@ def test_recipes_parse(name):
     cfg = config_from_dict(LCDConfig, recipe["lcd"])
     assert cfg.lora == ("lora" in name)
     try:
-        from fastgen.trainers.run import load_run_config
+        from fastgen.trainers.engine.run import load_run_config
     except ImportError:  # the trainer is optional for this check
         return
     run_cfg, method_cls = load_run_config(str(RECIPES / f"{name}.yaml"))

@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fastgen.trainers import checkpoint as ckpt
+from fastgen.trainers.engine import checkpoint as ckpt
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +301,7 @@ def test_cli_resume_without_checkpoint(teacher, tmp_path, capsys):
 
 def test_cli_export_of_run_without_finished_checkpoint(teacher, tmp_path, capsys):
     from fastgen.config import save_config
-    from fastgen.trainers.run import load_run_config
+    from fastgen.trainers.engine.run import load_run_config
 
     run_dir, out_dir = tmp_path / "run", tmp_path / "export"
     # the run folder as `fastgen train` starts it (config.yaml, method first), killed before any checkpoint

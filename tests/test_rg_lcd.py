@@ -41,7 +41,7 @@ def _step(m, b, seed=0):
 
 
 def test_registered_and_recipes_parse():
-    from fastgen.trainers.run import load_run_config
+    from fastgen.trainers.engine.run import load_run_config
 
     assert get_method("rg-lcd") is RGLCD
     for name in ("rg-lcd-digits-direct", "rg-lcd-digits-lrm", "rg-lcd-sd21-hps"):

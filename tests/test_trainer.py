@@ -20,10 +20,10 @@ import yaml
 import toy_method  # noqa: F401  (registers the "toy" method)
 from fastgen.errors import ConfigError
 from fastgen.trainers import base as tbase
-from fastgen.trainers import checkpoint as ckpt
+from fastgen.trainers.engine import checkpoint as ckpt
 from fastgen.trainers import run as trun
-from fastgen.trainers.base import NonFiniteLossError, ShardedBatchSampler, lr_lambda
-from fastgen.trainers.ema import EMA, ema_update_
+from fastgen.trainers.engine.trainer import NonFiniteLossError, ShardedBatchSampler, lr_lambda
+from fastgen.trainers.engine.ema import EMA, ema_update_
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def cli(recipe: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fastgen.trainers.run", str(recipe), "--import", "toy_method", *extra]
+    return [sys.executable, "-m", "fastgen.trainers.engine.run", str(recipe), "--import", "toy_method", *extra]
 
 
 # --------------------------------------------------------------------------- 1. resume after SIGKILL
@@ -118,7 +118,7 @@ CRASH_SNIPPET = textwrap.dedent(
     """
     import os, sys
     import toy_method
-    from fastgen.trainers import checkpoint as ckpt, run
+    from fastgen.trainers.engine import checkpoint as ckpt, run
     real = ckpt._finish_file
     def dying(path):
         real(path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastgen.trainers.ema import EMA
+from fastgen.trainers.engine.ema import EMA
 from fastgen.trainers.method import Method, StepOutput, register_method
 
 

@@ -188,7 +188,7 @@ def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None
     import yaml
 
     from fastgen.config import config_to_dict
-    from fastgen.trainers.run import load_run_config
+    from fastgen.trainers.engine.run import load_run_config
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -220,7 +220,7 @@ def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print, overrides
     """``runs/<run_name or recipe>`` trained to its last step (trained or resumed here when needed), exported
     to ``runs/exports/<run_name or recipe>`` (re-exported when the run is newer than the export)."""
     from fastgen.pipelines import export_run
-    from fastgen.trainers.run import train
+    from fastgen.trainers.engine.run import train
 
     runs = Path(runs_dir)
     name = run_name or recipe

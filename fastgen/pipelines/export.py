@@ -3,7 +3,7 @@
 :func:`export_method` asks the method to write into a hidden temp folder next to ``out_dir``
 (``.<name>.exporting-<pid>-<id>``) and renames it to ``out_dir`` only when the export finished, so
 a failure (or a kill) never leaves a half-written ``out_dir``. :func:`export_run` loads a method
-from a run folder's checkpoint first (``fastgen.trainers.run.load_method_from_run``).
+from a run folder's checkpoint first (``fastgen.trainers.engine.run.load_method_from_run``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def export_run(
 
     The card gets the run folder, the checkpoint and the latest metrics of ``metrics.jsonl``.
     """
-    from fastgen.trainers.run import load_method_from_run  # lazy: the trainer imports heavy modules
+    from fastgen.trainers.engine.run import load_method_from_run  # lazy: the trainer imports heavy modules
 
     loaded = load_method_from_run(run_dir, checkpoint=checkpoint)
     method = loaded[0] if isinstance(loaded, tuple) else loaded

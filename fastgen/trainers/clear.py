@@ -542,7 +542,7 @@ class Clear(Method):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise DataError(
                 f"the CLEAR teacher-data cache '{folder}' does not exist yet; build it once in a single process "
-                "before a multi-process run (every rank would sample it), e.g.\n  python -c \"from fastgen.trainers.run "
+                "before a multi-process run (every rank would sample it), e.g.\n  python -c \"from fastgen.trainers.engine.run "
                 "import load_run_config, build_method; c, m = load_run_config('RECIPE'); build_method(c, m).train_dataset()\""
             )
         latents = self.generate_latents(prompts)

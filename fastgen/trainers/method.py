@@ -1,7 +1,7 @@
 """The contract between a distillation method and the one generic training loop.
 
 A :class:`Method` owns its networks (student, EMA target, discriminator, ...) and knows its
-math; the :class:`~fastgen.trainers.base.Trainer` owns everything else: accelerate, optimizers,
+math; the :class:`~fastgen.trainers.engine.trainer.Trainer` owns everything else: accelerate, optimizers,
 LR schedules, gradient clipping with a NaN/Inf guard, progress, logging, sample grids,
 checkpoints and resume. A method says which parameter groups exist, which of them step at a
 given iteration, and returns one loss per group from :meth:`Method.train_step`.

@@ -9,7 +9,7 @@ step at an iteration, one loss per group); the :class:`Trainer` does everything 
 * gradient clipping with a NaN/Inf guard (skip the step, count, abort after N in a row);
 * deterministic, resumable data order (:class:`ShardedBatchSampler`);
 * tqdm progress, tensorboard/wandb scalars, sample grids, periodic ``method.evaluate``;
-* atomic checkpoints (:mod:`fastgen.trainers.checkpoint`) and exact resume.
+* atomic checkpoints (:mod:`fastgen.trainers.engine.checkpoint`) and exact resume.
 
 Conventions
 -----------
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from fastgen.errors import ConfigError, DataError, FastgenError
-from fastgen.trainers import checkpoint as ckpt
+from fastgen.trainers.engine import checkpoint as ckpt
 from fastgen.trainers.method import Method, StepOutput
 
 __all__ = [
@@ -325,7 +325,7 @@ class Trainer:
             raise FastgenError(
                 f"this process was launched as one of {_launched_world_size()} (WORLD_SIZE), but accelerate set up a "
                 "single-process run, so every process would train alone; create the Accelerator with "
-                "fastgen.trainers.base.make_accelerator (it passes cpu=True on CPU-only machines)"
+                "fastgen.trainers.engine.trainer.make_accelerator (it passes cpu=True on CPU-only machines)"
             )
         self.device = acc.device
         self.world_size = acc.num_processes

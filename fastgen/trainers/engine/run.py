@@ -4,7 +4,7 @@ A recipe is YAML::
 
     method: lcd                 # registry name (fastgen.trainers.method.METHODS)
     output_dir: runs/lcd-digits # the run folder (default: runs/<method>)
-    train:                      # fastgen.trainers.base.TrainConfig
+    train:                      # fastgen.trainers.engine.trainer.TrainConfig
       max_steps: 2000
       learning_rate: 1e-5
     lcd:                        # <method name, dashes -> underscores>: method_cls.config_class
@@ -12,8 +12,8 @@ A recipe is YAML::
 
 Command line (``fastgen train`` calls the same :func:`train`)::
 
-    python -m fastgen.trainers.run recipe.yaml train.max_steps=100 lcd.w_max=8 [--resume latest]
-    python -m fastgen.trainers.run lcd output_dir=runs/x           # a method name: its defaults
+    python -m fastgen.trainers.engine.run recipe.yaml train.max_steps=100 lcd.w_max=8 [--resume latest]
+    python -m fastgen.trainers.engine.run lcd output_dir=runs/x           # a method name: its defaults
 
 ``--import MODULE`` (repeatable) imports a module first, so that methods defined outside fastgen
 (e.g. test doubles) register themselves.
@@ -32,8 +32,8 @@ from typing import Any
 
 from fastgen.config import load_config, read_recipe, save_config
 from fastgen.errors import ConfigError, FastgenError
-from fastgen.trainers import checkpoint as ckpt
-from fastgen.trainers.base import TrainConfig, Trainer, make_accelerator
+from fastgen.trainers.engine import checkpoint as ckpt
+from fastgen.trainers.engine.trainer import TrainConfig, Trainer, make_accelerator
 from fastgen.trainers.method import Method, get_method
 
 __all__ = [
@@ -212,7 +212,7 @@ def load_method_from_run(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fastgen.trainers.run",
+        prog="python -m fastgen.trainers.engine.run",
         description="Train a fastgen method from a recipe (YAML path, packaged recipe or method name).",
     )
     p.add_argument("recipe", help="recipe YAML, packaged recipe name, or method name")
