@@ -19,9 +19,9 @@ import yaml
 
 import toy_method  # noqa: F401  (registers the "toy" method)
 from fastgen.errors import ConfigError
-from fastgen.trainers import base as tbase
+from fastgen.trainers.engine import trainer as tbase
 from fastgen.trainers.engine import checkpoint as ckpt
-from fastgen.trainers import run as trun
+from fastgen.trainers.engine import run as trun
 from fastgen.trainers.engine.trainer import NonFiniteLossError, ShardedBatchSampler, lr_lambda
 from fastgen.trainers.engine.ema import EMA, ema_update_
 

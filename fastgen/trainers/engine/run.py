@@ -137,6 +137,7 @@ def prepare_run(
     recipe: str | os.PathLike[str],
     overrides: Sequence[str] = (),
     resume: str | os.PathLike[str] | None = None,
+    evaluator: Any = None,
 ) -> tuple[Trainer, Any]:
     """Everything :func:`train` does before the loop: returns ``(trainer, run_config)``.
 
@@ -158,7 +159,7 @@ def prepare_run(
         save_config(cfg, run_dir / "config.yaml", header={"method": method_cls.name})
     accelerator.wait_for_everyone()
     method = build_method(cfg, method_cls)
-    return Trainer(method, cfg.train, run_dir, accelerator=accelerator), cfg
+    return Trainer(method, cfg.train, run_dir, accelerator=accelerator, evaluator=evaluator), cfg
 
 
 def train(

@@ -47,7 +47,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -311,7 +311,16 @@ class Trainer:
     ``torch.no_grad()``, and leave the training RNG streams untouched.
     """
 
-    def __init__(self, method: Method, config: TrainConfig, run_dir: str | os.PathLike[str], *, accelerator=None):
+    def __init__(
+        self,
+        method: Method,
+        config: TrainConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        accelerator=None,
+        evaluator: Callable[[Method, int], Mapping[str, Any]] | None = None,
+    ):
+        self.evaluator = evaluator
         if not isinstance(method, Method):
             raise TypeError(f"Trainer needs a fastgen Method, got {type(method).__name__}")
         self.method = method
@@ -722,11 +731,10 @@ class Trainer:
         return save_grid(images.float(), self.run_dir / "samples" / f"step-{self.step:06d}.png", nrow=nrow)
 
     def run_evaluation(self) -> dict[str, float] | None:
-        """Call ``method.evaluate(step)`` (main process) and append a row to metrics.jsonl."""
-        evaluate = getattr(self.method, "evaluate", None)
-        if not (self.is_main and callable(evaluate)):
+        """Call ``evaluator(method, step)`` (main process) and append a row to metrics.jsonl."""
+        if not (self.is_main and self.evaluator is not None):
             return None
-        result = self._isolated(lambda: evaluate(self.step))
+        result = self._isolated(lambda: self.evaluator(self.method, self.step))
         if not result:
             return None
         row = {"step": self.step, "time": time.time()}
