@@ -131,6 +131,54 @@ def test_flow_dynamic_shift_matches_flowmatch():
         sched.shifted_sigma(torch.tensor([0.5]))
 
 
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+)
+
+
+def test_training_sigma_dynamic_shift_is_the_unshifted_training_grid():
+    ref = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    sched = NoiseSchedule.from_scheduler_config(ref.config)
+    assert sched.use_dynamic_shifting
+    # the grid: exactly what the scheduler stores at __init__ (no shift applied there with dynamic shifting)
+    assert torch.equal(sched.training_sigma_grid(), ref.sigmas)
+    assert torch.equal(sched.training_sigma_grid(), ref.timesteps / 1000)
+    u = 1.0 - torch.rand(200_000, generator=torch.Generator().manual_seed(0))  # U(0, 1]
+    sigma = sched.training_sigma(u)
+    assert sigma.shape == u.shape and sigma.dtype == torch.float32
+    # indexed like the training scripts: timesteps[int(u * T)] / T (u = 1 clamps to the last entry)
+    index = (u * 1000).long().clamp(max=999)
+    assert torch.equal(sigma, ref.timesteps[index] / 1000)
+    assert bool(torch.isin(sigma, ref.sigmas).all())  # every value lies on the training grid
+    p_high = (sigma > 0.5).float().mean().item()
+    assert abs(p_high - 0.5) <= 0.01
+    # ... and it is not the resolution-shifted draw (1024 px -> 4096 tokens -> mu = max_shift = 1.15)
+    shifted = sched.shifted_sigma(u, mu=1.15)
+    p_shifted = (shifted > 0.5).float().mean().item()
+    assert p_shifted > 0.7 and abs(p_high - p_shifted) > 0.2
+    # the ends of U(0, 1]: u -> 0 is sigma = 1, u = 1 is sigma = 1/T
+    ends = sched.training_sigma(torch.tensor([1e-9, 1.0]))
+    assert ends.tolist() == [1.0, ref.sigmas[-1].item()]
+    assert sched.training_sigma(torch.tensor([0.25], dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_training_sigma_static_shift_is_continuous(shift):
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched = NoiseSchedule.from_scheduler_config(ref.config)
+    assert torch.equal(sched.training_sigma_grid(), ref.sigmas)
+    u = 1.0 - torch.rand(10_000, generator=torch.Generator().manual_seed(1))
+    sigma = sched.training_sigma(u)
+    assert torch.equal(sigma, sched.shifted_sigma(u, None))
+    if shift == 1.0:  # the shipped digits DiT: sigma == u bit for bit
+        assert torch.equal(sigma, u)
+    else:
+        assert torch.equal(sigma, shift * u / (1 + (shift - 1) * u))
+    with pytest.raises(ValueError, match="flow schedules only"):
+        NoiseSchedule.from_scheduler_config(DDIMScheduler().config).training_sigma(u)
+
+
 def test_flow_detected_without_class_name_and_pretrained(tmp_path):
     sched = NoiseSchedule.from_scheduler_config({"num_train_timesteps": 1000, "shift": 2.0})
     assert (sched.kind, sched.shift) == ("flow", 2.0)
@@ -235,6 +283,74 @@ def test_sample_ddim_matches_loop(alpha_one):
     got = sample_ddim(model_fn, x_T, sched, ref.timesteps, final_alpha_one=alpha_one)
     assert maxdiff(got, x) <= TOL
     assert [int(t[0]) for t in seen] == ref.timesteps.tolist() and seen[0].shape == (2,)
+
+
+def denoiser_model(alphas_cumprod, seed=1):
+    """A stand-in epsilon/v network that keeps the DDIM chain of O(1) size: ``sqrt(1 - abar_t) * M x`` with ``M``
+    close to the identity (the optimal epsilon of unit-variance data is ``sqrt(1 - abar_t) * x``). Long chains
+    of :func:`linear_model` grow to |x| ~ 50, where float32 rounding alone exceeds 1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g)
+
+    def fn(x, t):
+        t = int(torch.as_tensor(t).flatten()[0])  # one timestep for the whole batch
+        return (1 - alphas_cumprod[t]).sqrt() * torch.einsum("ij,bjhw->bihw", m, x)
+
+    return fn
+
+
+def _ddim_reference(model, x_T, ref, n):
+    """A plain DDIMScheduler sampling loop: the ground truth for sample_ddim."""
+    ref.set_timesteps(n)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(model(x, t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [50, 3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sample_ddim_matches_scheduler_every_spacing(spacing, n, prediction_type):
+    """DDIMScheduler.step goes from t to t - T // n (not to the next listed timestep): with "linspace" the two differ
+    by up to one timestep at 50 steps, and with "trailing" at 3 steps (999 -> 666 -> 333, listed 999, 666, 332)."""
+    ref = DDIMScheduler(
+        **SD_BETAS, prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing=spacing,
+    )
+    model = denoiser_model(ref.alphas_cumprod, seed=4)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    expected = _ddim_reference(model, x_T, ref, n)
+    sched = NoiseSchedule.from_scheduler_config(ref.config)
+    seen = []
+
+    def model_fn(x_t, t):
+        seen.append(int(t[0]))
+        return model(x_t, t)
+
+    got = sample_ddim(model_fn, x_T, sched, ref.timesteps)
+    assert maxdiff(got, expected) <= TOL
+    assert seen == ref.timesteps.tolist()  # the network is evaluated at the listed timesteps
+    # the same timesteps built by fastgen (an int: timesteps from the spacing and the offset)
+    got_n = sample_ddim(model, x_T, sched, n, timestep_spacing=spacing, steps_offset=1)
+    assert maxdiff(got_n, expected) <= TOL
+
+
+def test_sample_ddim_partial_timesteps_keep_the_step_of_the_full_schedule():
+    """img2img-style: a tail of the timesteps with the step size of the full n-step schedule."""
+    ref = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, timestep_spacing="linspace")
+    model = denoiser_model(ref.alphas_cumprod, seed=5)
+    ref.set_timesteps(50)
+    tail = ref.timesteps[20:]
+    x_T = torch.randn(SHAPE)
+    x = x_T.clone()
+    for t in tail:
+        x = ref.step(model(x, t), t, x).prev_sample
+    sched = NoiseSchedule.from_scheduler_config(ref.config)
+    got = sample_ddim(model, x_T, sched, tail, num_inference_steps=50)
+    assert maxdiff(got, x) <= TOL
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sample_ddim(model, x_T, sched, tail, num_inference_steps=0)
 
 
 # ---------------------------------------------------------------- flow

@@ -90,6 +90,81 @@ def test_tokenizer_covers_the_caption_vocabulary(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True).strip() == "a magenta handwritten digit seven"
 
 
+def test_shipped_world_facts_live_in_paths():
+    facts = dict(UNET_RESOLUTION=32, DIT_RESOLUTION=64, DIT_MAX_SEQUENCE_LENGTH=16, UNET_GUIDANCE=3.0, DIT_GUIDANCE=4.0)
+    for name, value in facts.items():
+        assert getattr(paths, name) == value
+        assert getattr(zb, name) is getattr(paths, name)  # build re-exports them (``build.X`` keeps working)
+
+
+def test_teacher_ema_keeps_the_build_decay_warmup():
+    """The project EMA as the teachers use it: the k-th update has decay min(d, (1 + k) / (10 + k)), k from 1."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay = 0.6  # small, so that both the warm-up (k <= 5: 2/11 .. 6/15) and the cap are exercised
+    ema = zb.teacher_ema(net, decay)
+    expected = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    for k in range(1, 12):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        d = min(decay, (1 + k) / (10 + k))
+        for name, v in net.state_dict().items():
+            expected[name] = d * expected[name] + (1 - d) * v
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema.copy_to(fresh)
+    for name, v in fresh.state_dict().items():
+        assert torch.allclose(v, expected[name], atol=1e-6, rtol=0), name
+
+
+def test_teacher_noising_and_targets_match_the_schedulers():
+    from diffusers import DDIMScheduler
+
+    from fastgen.diffusion import NoiseSchedule
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    ddim = zb.make_ddim_scheduler()
+    assert isinstance(ddim, DDIMScheduler)
+    x_t, target = zb._noised_and_target(NoiseSchedule.from_scheduler_config(ddim), x0, eps, t)
+    assert (x_t - ddim.add_noise(x0, eps, t)).abs().max() <= 1e-6
+    assert torch.equal(target, eps)
+    # the flow DiT: x_t = (1 - s) x0 + s eps bit for bit, target eps - x0
+    x0, eps = torch.randn(4, 256, 16, generator=g), torch.randn(4, 256, 16, generator=g)
+    sigma = torch.sigmoid(torch.randn(4, generator=g))
+    x_t, target = zb._noised_and_target(NoiseSchedule.from_scheduler_config(zb.make_flow_scheduler()), x0, eps, sigma)
+    s = sigma[:, None, None]
+    assert torch.equal(x_t, (1 - s) * x0 + s * eps)
+    assert torch.equal(target, eps - x0)
+
+
+def test_save_folder_replaces_atomically(tmp_path):
+    net = torch.nn.Linear(2, 2)
+
+    class Saver:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save_pretrained(self, folder, **kwargs):
+            torch.save(net.state_dict(), folder / "weights.pt")
+            (folder / "kwargs.json").write_text(json.dumps(kwargs))
+            if self.fail:
+                raise RuntimeError("disk full")
+
+    target = tmp_path / "stage"
+    zb._save_folder(Saver(), target, safe_serialization=True)
+    assert json.loads((target / "kwargs.json").read_text()) == {"safe_serialization": True}
+    (target / "old-only.txt").write_text("x")
+    zb._save_folder(Saver(), target)
+    assert not (target / "old-only.txt").exists()  # replaced, not merged
+    with pytest.raises(RuntimeError, match="disk full"):
+        zb._save_folder(Saver(fail=True), target)
+    assert json.loads((target / "kwargs.json").read_text()) == {}  # the previous complete folder is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]  # no temp folders left behind
+
+
 # ---------------------------------------------------------------------------------------------
 # the shipped models
 

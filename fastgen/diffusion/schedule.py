@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastgen.diffusion.predictions import PREDICTION_TYPES, expand_like
@@ -346,6 +347,45 @@ class NoiseSchedule:
             return time_shift_exponential(sigma, mu)
         return static_shift(sigma, self.shift)
 
+    def training_sigma(self, u: torch.Tensor) -> torch.Tensor:
+        """Flow only: the training sigma of a draw ``u ~ U(0, 1]`` (one per sample), from the teacher's training grid.
+
+        * dynamic shifting (e.g. FLUX.1-dev): the scheduler's *unshifted* training grid, indexed uniformly as the
+          diffusers flow-matching training scripts do (``timesteps[int(u * T)] / T``): ``sigma = g[min(int(u * T),
+          T - 1)]`` with ``g = linspace(1, T, T)[::-1] / T`` in float32, i.e. exactly the values
+          ``FlowMatchEulerDiscreteScheduler.sigmas`` holds after ``__init__`` (no shift is applied there when
+          ``use_dynamic_shifting=True``). Uniform over ``{1/T, ..., 1}``; no resolution shift (``mu``) enters.
+        * static shift: ``shifted_sigma(u)`` = ``s * u / (1 + (s - 1) * u)``, continuous in ``u`` (the shift of the
+          scheduler's own training grid); with ``shift = 1`` this is ``u`` bit for bit.
+
+        Returned in ``u``'s floating dtype (float32 for an integer ``u``) on ``u``'s device. Raises ``ValueError``
+        for a vp schedule (its training times are integer timesteps, not sigmas).
+        """
+        if self.kind != "flow":
+            raise ConfigError(
+                "training_sigma applies to flow schedules only; this schedule is kind='vp' (draw integer "
+                "timesteps in 0..num_train_timesteps-1 instead)."
+            )
+        u = torch.as_tensor(u)
+        if not u.is_floating_point():
+            u = u.float()
+        if not self.use_dynamic_shifting:
+            return self.shifted_sigma(u, None)
+        T = self.num_train_timesteps
+        index = (u * T).long().clamp(0, T - 1)
+        return self.training_sigma_grid().to(u.device)[index].to(u.dtype)
+
+    def training_sigma_grid(self) -> torch.Tensor:
+        """Flow only: the float32 sigmas of the scheduler's training grid, descending (``FlowMatchEulerDiscreteScheduler
+        .sigmas`` after ``__init__``): ``linspace(1, T, T)[::-1] / T``, statically shifted unless the schedule shifts
+        dynamically (then unshifted)."""
+        if self.kind != "flow":
+            raise ConfigError("training_sigma_grid applies to flow schedules only; this schedule is kind='vp'.")
+        T = self.num_train_timesteps
+        grid = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if not self.use_dynamic_shifting:
+            grid = static_shift(grid, self.shift)
+        return grid
 
 def static_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     """Static flow shift: ``s * sigma / (1 + (s - 1) * sigma)``."""

@@ -165,34 +165,60 @@ def sample_ddim(
     model_fn: ModelFn,
     x_T: torch.Tensor,
     schedule: NoiseSchedule,
-    timesteps: Sequence[int] | torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor | int,
     final_alpha_one: bool = False,
+    *,
+    num_inference_steps: int | None = None,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 0,
 ) -> torch.Tensor:
-    """Deterministic DDIM sampling from ``x_T`` along ``timesteps`` (descending).
+    """Deterministic DDIM sampling from ``x_T``, stepping exactly like ``DDIMScheduler`` (eta = 0).
 
+    ``timesteps``: the descending timesteps the network is evaluated at (e.g. ``DDIMScheduler.timesteps``), or an
+    int N, in which case they are ``ddim_timesteps(N, T, steps_offset, timestep_spacing)``.
     ``model_fn(x_t, t) -> raw network output`` (of ``schedule.prediction_type``), where ``t`` is the schedule's
     time as a [B] tensor (vp: long timesteps; flow: sigma; wrap with ``schedule.model_timestep`` if the network
-    expects diffusers timesteps). Each step: ``(x0, eps) = to_x0_eps(out)``, ``x <- alpha_next * x0 +
-    sigma_next * eps``, the next time being the next entry of ``timesteps``. The final step goes to
-    ``abar = 1`` if ``final_alpha_one`` (``set_alpha_to_one=True``) else to ``abar_0`` (vp); to sigma = 0 (flow).
+    expects diffusers timesteps). Each step: ``(x0, eps) = to_x0_eps(out)``, ``x <- alpha_prev * x0 +
+    sigma_prev * eps``.
+
+    vp: like ``DDIMScheduler.step``, the step from ``t`` goes to ``prev = t - T // num_inference_steps`` (T the
+    schedule's ``num_train_timesteps``; ``num_inference_steps`` defaults to ``len(timesteps)``; pass the full
+    count when ``timesteps`` is a tail of a longer schedule, as img2img does), which is *not* always the next
+    listed timestep ("linspace" spacing, or "trailing" when N does not divide T). A ``prev < 0`` goes to
+    ``abar = 1`` if ``final_alpha_one`` (``set_alpha_to_one=True``) else to ``abar_0``.
+    flow: the step goes to the next listed sigma, and the last one to sigma = 0 (the Euler step of the ODE).
     Returns the final sample. Gradients flow through; wrap in ``torch.no_grad()`` for plain inference.
     """
+    if isinstance(timesteps, int):
+        if schedule.kind != "vp":
+            raise ValueError(
+                "sample_ddim with an int step count builds DDIM timesteps, which need a vp schedule; for a flow "
+                "schedule pass the sigmas (e.g. flow_sigmas(n)[:-1])."
+            )
+        timesteps = ddim_timesteps(timesteps, schedule.num_train_timesteps, steps_offset, timestep_spacing)
     ts = list(torch.as_tensor(timesteps).flatten().tolist())
     if not ts:
         raise ValueError("sample_ddim needs at least one timestep.")
     if schedule.kind == "vp":
+        n = len(ts) if num_inference_steps is None else int(num_inference_steps)
+        if not 1 <= n <= schedule.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be in 1..{schedule.num_train_timesteps} (num_train_timesteps), got {n}."
+            )
+        step = schedule.num_train_timesteps // n
         final = -1 if final_alpha_one else 0
+        prevs = [int(t) - step if int(t) - step >= 0 else final for t in ts]
     else:
-        final = 0.0
+        prevs = ts[1:] + [0.0]
     x = x_T
-    for i, t in enumerate(ts):
+    for t, prev in zip(ts, prevs):
         t_b = _time_batch(t, x, schedule)
-        t_next = _time_batch(ts[i + 1] if i + 1 < len(ts) else final, x, schedule)
+        t_prev = _time_batch(prev, x, schedule)
         alpha, sigma = schedule.alpha_sigma(t_b)
         out = model_fn(x, t_b)
         x0, eps = to_x0_eps(out, x, alpha, sigma, schedule.prediction_type)
-        alpha_n, sigma_n = schedule.alpha_sigma(t_next)
-        x = ddim_step(x0, eps, alpha_n, sigma_n)
+        alpha_p, sigma_p = schedule.alpha_sigma(t_prev)
+        x = ddim_step(x0, eps, alpha_p, sigma_p)
     return x
 
 

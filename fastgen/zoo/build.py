@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,15 +28,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastgen.data import digits as dw
+from fastgen.diffusion import NoiseSchedule, from_x0_eps
+from fastgen.io import atomic_folder, atomic_write_json
+from fastgen.trainers.engine.ema import EMA
+
+# The shipped world's facts live in fastgen.zoo.paths; re-exported here (``build.DIT_RESOLUTION`` etc.).
+from fastgen.zoo.paths import (  # noqa: F401
+    DIT_GUIDANCE,
+    DIT_MAX_SEQUENCE_LENGTH,
+    DIT_RESOLUTION,
+    UNET_GUIDANCE,
+    UNET_RESOLUTION,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("tokenizer", "text_encoder", "classifier", "vae", "vae_f2", "unet", "dit")
-UNET_RESOLUTION = 32
-DIT_RESOLUTION = 64
-DIT_MAX_SEQUENCE_LENGTH = 16
-UNET_GUIDANCE = 3.0
-DIT_GUIDANCE = 4.0
 
 
 @dataclass
@@ -95,47 +99,27 @@ def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class EMA:
-    """Exponential moving average of a module's parameters with the usual warm-up of the decay."""
-
-    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        self.step = 0
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        self.step += 1
-        d = min(self.decay, (1 + self.step) / (10 + self.step))
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        module.load_state_dict(self.shadow)
+def teacher_ema(module: torch.nn.Module, decay: float) -> EMA:
+    """The teachers' EMA: the project EMA with its decay warm-up counted from one, so that the k-th update
+    (k = 1, 2, ...) uses ``min(decay, (1 + k) / (10 + k))`` (first update 2/11), as the shipped teachers were
+    built. The teachers have no buffers, so the trainable parameters are the whole state."""
+    ema = EMA(module, decay, warmup=True)
+    ema.num_updates = 1
+    return ema
 
 
-def _atomic_save(save_fn, target: Path) -> None:
-    """Run ``save_fn(tmp_folder)`` then move the folder to ``target`` (replacing it)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save_fn(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _save_folder(model, target: Path, **kwargs) -> None:
+    """``model.save_pretrained`` into ``target``, atomically (a complete old or new folder at every moment)."""
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+
+
+def _noised_and_target(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
+    """The teacher's input ``x_t = alpha_t x0 + sigma_t eps`` and its regression target (the schedule's
+    prediction type: eps for the UNet, ``eps - x0`` for the flow DiT)."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = schedule.add_noise(x0, eps, t)
+    return x_t, from_x0_eps(x0, eps, alpha, sigma, schedule.prediction_type)
 
 
 def _augment_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -223,7 +207,7 @@ def build_text_encoder(out: Path, tokenizer, steps: int, seed: int):
         loss.backward()
         opt.step()
     model.eval()
-    _atomic_save(lambda p: model.save_pretrained(p), out)
+    _save_folder(model, out)
     return model, {"final_loss": float(loss.detach())}
 
 
@@ -258,7 +242,7 @@ def build_classifier(out: Path, steps: int, seed: int):
         opt.step()
         sched.step()
     model.eval()
-    _atomic_save(lambda p: model.save_pretrained(p), out)
+    _save_folder(model, out)
     return model, {"final_loss": float(loss.detach())}
 
 
@@ -324,7 +308,7 @@ def build_vae(out: Path, factor: int, resolution: int, steps: int, seed: int, cr
     with torch.no_grad():
         lat = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 256 if steps < 50 else 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-    _atomic_save(lambda p: vae.save_pretrained(p), out)
+    _save_folder(vae, out)
     return vae, {"final_loss": float(loss.detach()), "scaling_factor": vae.config.scaling_factor}
 
 
@@ -397,10 +381,9 @@ def build_unet(out: Path, vae, tokenizer, text_encoder, cfg: BuildConfig):
     latents, captions = _encode_latents(vae, UNET_RESOLUTION, 256 if cfg.quick else None)
     hidden, _, cap_idx = _caption_table(tokenizer, text_encoder, captions)
     empty = len(hidden) - 1
-    sched = make_ddim_scheduler()
-    acp = sched.alphas_cumprod
+    schedule = NoiseSchedule.from_scheduler_config(make_ddim_scheduler())
     unet = make_unet(text_encoder.config.hidden_size)
-    ema = EMA(unet, cfg.ema_decay)
+    ema = teacher_ema(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.unet, "unet" in cfg.cosine_decay))
     unet.train()
@@ -412,20 +395,19 @@ def build_unet(out: Path, vae, tokenizer, text_encoder, cfg: BuildConfig):
         c[torch.rand(len(c), generator=gen) < cfg.caption_dropout] = empty
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a = acp[t].sqrt()[:, None, None, None]
-        s = (1 - acp[t]).sqrt()[:, None, None, None]
-        pred = unet(a * x0 + s * eps, t, encoder_hidden_states=hidden[c]).sample
-        loss = F.mse_loss(pred, eps)
+        x_t, target = _noised_and_target(schedule, x0, eps, t)
+        pred = unet(x_t, t, encoder_hidden_states=hidden[c]).sample
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         warm.step()
-        ema.update(unet)
+        ema.update()
         losses.append(float(loss.detach()))
     ema.copy_to(unet)
     unet.eval()
-    _atomic_save(lambda p: unet.save_pretrained(p), out)
+    _save_folder(unet, out)
     tail = losses[-50:] or [float("nan")]
     return unet, {"final_loss": sum(tail) / len(tail)}
 
@@ -471,8 +453,9 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
     empty = len(hidden) - 1
     img_ids = flux_image_ids(latents.shape[-2], latents.shape[-1])
     txt_ids = torch.zeros(DIT_MAX_SEQUENCE_LENGTH, 3)
+    schedule = NoiseSchedule.from_scheduler_config(make_flow_scheduler())
     model = make_flux(text_encoder.config.hidden_size)
-    ema = EMA(model, cfg.ema_decay)
+    ema = teacher_ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.dit, "dit" in cfg.cosine_decay))
     model.train()
@@ -484,23 +467,22 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
         c[torch.rand(len(c), generator=gen) < cfg.caption_dropout] = empty
         sigma = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal
         eps = torch.randn(x0.shape, generator=gen)
-        s = sigma[:, None, None]
-        x_t = (1 - s) * x0 + s * eps
+        x_t, target = _noised_and_target(schedule, x0, eps, sigma)
         pred = model(
             hidden_states=x_t, timestep=sigma, pooled_projections=pooled[c], encoder_hidden_states=hidden[c],
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, eps - x0)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         warm.step()
-        ema.update(model)
+        ema.update()
         losses.append(float(loss.detach()))
     ema.copy_to(model)
     model.eval()
-    _atomic_save(lambda p: model.save_pretrained(p), out)
+    _save_folder(model, out)
     tail = losses[-50:] or [float("nan")]
     return model, {"final_loss": sum(tail) / len(tail)}
 
@@ -517,14 +499,14 @@ def assemble_pipelines(out_dir: Path, parts: dict) -> None:
         scheduler=make_ddim_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
     )
-    _atomic_save(lambda p: sd.save_pretrained(p, safe_serialization=True), out_dir / "sd-digits")
+    _save_folder(sd, out_dir / "sd-digits", safe_serialization=True)
     flux = FluxPipeline(
         scheduler=make_flow_scheduler(), vae=parts["vae_f2"], text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder"], tokenizer_2=parts["tokenizer"],
         transformer=parts["dit"],
     )
-    _atomic_save(lambda p: flux.save_pretrained(p, safe_serialization=True), out_dir / "flux-digits")
-    _atomic_save(lambda p: parts["classifier"].save_pretrained(p), out_dir / "classifier")
+    _save_folder(flux, out_dir / "flux-digits", safe_serialization=True)
+    _save_folder(parts["classifier"], out_dir / "classifier")
 
 
 def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
@@ -560,7 +542,7 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
         stats["seconds"] = round(time.time() - t0, 1)
         info.setdefault("stages", {})[name] = stats
         info["done"] = sorted(set(info.get("done", [])) | {name})
-        info_path.write_text(json.dumps(info, indent=2))
+        atomic_write_json(info_path, info)
         print(f"[zoo] {name}: {stats}", flush=True)
         return model
 
@@ -599,9 +581,9 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
         "vae_f2_psnr_test": round(vae_psnr(parts["vae_f2"], DIT_RESOLUTION, limit=512), 2),
     }
     info["summary"] = summary
-    info_path.write_text(json.dumps(info, indent=2))
+    atomic_write_json(info_path, info)
     meta = {k: info[k] for k in ("config", "stages", "summary") if k in info}
     meta["torch"] = torch.__version__
-    (out_dir / "build_info.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(out_dir / "build_info.json", meta)
     print(f"[zoo] built into {out_dir}: {summary}", flush=True)
     return info

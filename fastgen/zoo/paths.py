@@ -1,4 +1,4 @@
-"""Where the shipped digits-world models live."""
+"""Where the shipped digits-world models live, and the facts of that world other modules rely on."""
 
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ from fastgen.errors import ModelLoadError
 SD_TEACHER = "sd-digits"
 FLUX_TEACHER = "flux-digits"
 CLASSIFIER = "classifier"
+
+#: Image size (pixels, square) of the UNet (Stable Diffusion layout) teacher's world.
+UNET_RESOLUTION = 32
+#: Image size (pixels, square) of the DiT (Flux layout) teacher's world.
+DIT_RESOLUTION = 64
+#: Text tokens the DiT teacher was trained with (FluxPipeline's ``max_sequence_length``).
+DIT_MAX_SEQUENCE_LENGTH = 16
+#: Classifier-free guidance scale the UNet teacher is sampled with.
+UNET_GUIDANCE = 3.0
+#: Classifier-free guidance scale the DiT teacher is sampled with (``true_cfg_scale``).
+DIT_GUIDANCE = 4.0
 
 
 def artifacts_dir() -> Path:
