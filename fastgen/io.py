@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "fsync_dir",
     "fsync_file",
+    "save_image_grid",
     "temp_sibling",
 ]
 
@@ -138,3 +139,27 @@ def atomic_folder(target: str | os.PathLike[str], *, tag: str = "writing") -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_image_grid(images: Any, path: str | os.PathLike[str], nrow: int, upscale: int = 1) -> Path:
+    """Save images in [0, 1] ``[N, 3, H, W]`` (a torch tensor) as one PNG grid, ``nrow`` per row, atomically."""
+    import torch
+    from PIL import Image
+
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    pad = 2
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path

@@ -159,3 +159,14 @@ def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor, torch.
     digits = torch.tensor([d for d, _ in order])
     colours = torch.tensor([c for _, c in order])
     return [caption(d, c) for d, c in order], digits, colours
+
+
+def balanced_captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` training captions balanced over the 60 (digit, colour) pairs, random templates, seeded order
+    (the prompts of data-free methods and of teacher-generated data on the digits world)."""
+    pairs = [(d, c) for d in range(10) for c in range(len(PALETTE))]
+    reps = -(-n // len(pairs))
+    rng = np.random.default_rng(seed)
+    order = [pairs[i] for i in rng.permutation(len(pairs) * reps) % len(pairs)][:n]
+    templates = rng.integers(0, len(TEMPLATES), size=n)
+    return [caption(d, c, int(t)) for (d, c), t in zip(order, templates)]

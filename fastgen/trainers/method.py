@@ -1,10 +1,27 @@
 """The contract between a distillation method and the one generic training loop.
 
-A :class:`Method` owns its networks (student, EMA target, discriminator, ...) and knows its
-math; the :class:`~fastgen.trainers.engine.trainer.Trainer` owns everything else: accelerate, optimizers,
-LR schedules, gradient clipping with a NaN/Inf guard, progress, logging, sample grids,
-checkpoints and resume. A method says which parameter groups exist, which of them step at a
-given iteration, and returns one loss per group from :meth:`Method.train_step`.
+A :class:`Method` is its paper's algorithm box: its own options (a dataclass of algorithm fields
+only), its networks and its ``train_step``. Everything around it is written once elsewhere and
+shared through the run's common sections::
+
+    teacher:  fastgen.models.TeacherConfig       which teacher folder, dtype, resolution, text length
+    data:     fastgen.data.DataConfig            digits / folder / shards / cache / prompts / teacher samples
+    sample:   SampleConfig (below)               grid prompts, steps, guidance, seed, evaluation size
+    export:   ExportConfig (below)               which weights, attention backend of the export
+    train:    fastgen.trainers.engine.TrainConfig  steps, batch, per-group optimizer specs, checkpoints
+
+What the :class:`~fastgen.trainers.engine.trainer.Trainer` calls, and nothing else:
+
+* :meth:`Method.parameter_groups`, :meth:`Method.optimizer_specs`, :meth:`Method.optimizers_to_step`
+* :meth:`Method.train_dataset` (map-style; items are dicts the default collate stacks)
+* :meth:`Method.train_step` -> :class:`StepOutput` (one loss per stepping group), then
+  :meth:`Method.after_optimizer_step` (e.g. an EMA target update)
+* :meth:`Method.checkpoint_state_dict` / :meth:`Method.load_checkpoint_state_dict`
+* :meth:`Method.sample_settings` + :meth:`Method.sample` (sample grids), :meth:`Method.evaluation_plan`
+  (what the evaluator hands to :meth:`Method.sample` during training)
+
+and what ``fastgen export`` calls: :meth:`Method.export_plan` (what the export replaces in the
+teacher's folder; :mod:`fastgen.pipelines.writer` writes it).
 
 Run folder layout (written by the trainer, read by export)::
 
@@ -18,16 +35,76 @@ Run folder layout (written by the trainer, read by export)::
       checkpoints/latest               text file: name of the newest finished checkpoint
       samples/step-000200.png          sample grids with fixed prompts and seeds
       logs/                            tensorboard
-      metrics.jsonl                    periodic quick digits-FID and other evaluations
+      metrics.jsonl                    periodic evaluations
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from fastgen.data.sources import DataConfig
+from fastgen.errors import ConfigError
+from fastgen.models.spec import TeacherConfig
+from fastgen.trainers.engine.optim import OptimizerSpec
+
+__all__ = ["DIGITS_SAMPLE_PROMPTS", "ExportConfig", "METHODS", "Method", "SampleConfig", "StepOutput", "get_method", "register_method"]
+
+#: Prompts of the sample grids when a recipe gives none (digits-world captions).
+DIGITS_SAMPLE_PROMPTS: list[str] = [
+    "a red handwritten digit seven",
+    "a blue handwritten digit three",
+    "a green handwritten digit zero",
+    "a yellow handwritten digit five",
+]
+
+
+@dataclass
+class SampleConfig:
+    """The ``sample:`` section: how the student is sampled for grids, evaluation and the model card.
+
+    Attributes:
+        prompts: prompts of the periodic sample grids (``samples/step-*.png``).
+        steps: sampling steps of grids, evaluation and the model card; ``None`` = the method's default
+            (consistency students 4, CLEAR the teacher's 50).
+        guidance_scale: pipeline guidance of samples and the card; ``None`` = the method's default.
+        seed: seed of the grids' generator and of the evaluation's per-chunk generators (``seed + i``).
+        eval_samples: student samples scored by the training evaluator (digits world only; the trainer
+            runs it every ``train.eval_every`` iterations); ``None`` = the method's default, 0 = off.
+    """
+
+    prompts: list[str] = field(default_factory=lambda: list(DIGITS_SAMPLE_PROMPTS))
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    eval_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"sample.steps must be >= 1 or null (the method's default), got {self.steps}")
+        if self.eval_samples is not None and self.eval_samples < 0:
+            raise ConfigError(f"sample.eval_samples must be >= 0 or null, got {self.eval_samples}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ConfigError(f"sample.guidance_scale must be >= 0 or null, got {self.guidance_scale}")
+
+
+@dataclass
+class ExportConfig:
+    """The ``export:`` section: what ``fastgen export`` writes.
+
+    Attributes:
+        weights: ``"target"`` (an EMA target where the method keeps one, as LCM does) or ``"online"``.
+        attention_backend: attention backend written into an exported model that replaces attention
+            (CLEAR): ``auto`` (reference on CPU, triton for inference / flex for training on CUDA),
+            ``reference``, ``flex`` or ``triton``.
+    """
+
+    weights: Literal["target", "online"] = "target"
+    attention_backend: Literal["reference", "flex", "triton", "auto"] = "auto"
 
 
 @dataclass
@@ -43,21 +120,47 @@ class StepOutput:
 
 
 class Method(torch.nn.Module):
-    """Base class of every distillation method (LCD, RG-LCD, SCott, BOOT, DisBack, CLEAR)."""
+    """Base class of every distillation method (LCD, RG-LCD, SCott, BOOT, DisBack, CLEAR).
+
+    Args:
+        config: the method's own options (``config_class``).
+        teacher, data, sample, export: the run's shared sections (defaults when omitted).
+    """
 
     #: registry name, e.g. "lcd"; used in recipes (``method: lcd``) and the CLI.
     name: ClassVar[str] = ""
-    #: dataclass of the method's options (the ``method`` section of a recipe).
+    #: dataclass of the method's algorithm options (the ``<name>`` section of a recipe).
     config_class: ClassVar[type] = object
+    #: teacher used when ``teacher.path`` is not given.
+    default_teacher: ClassVar[str] = "digits-sd"
+    #: ``sample.steps`` / ``sample.eval_samples`` when the recipe leaves them null.
+    default_sample_steps: ClassVar[int] = 4
+    default_eval_samples: ClassVar[int] = 1000
 
-    def __init__(self, config: Any):
+    def __init__(
+        self,
+        config: Any,
+        *,
+        teacher: TeacherConfig | None = None,
+        data: DataConfig | None = None,
+        sample: SampleConfig | None = None,
+        export: ExportConfig | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.teacher_config = teacher if teacher is not None else TeacherConfig()
+        self.data_config = data if data is not None else DataConfig()
+        self.sample_config = sample if sample is not None else SampleConfig()
+        self.export_config = export if export is not None else ExportConfig()
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Optimizer name -> its trainable parameters (e.g. {"student": [...], "disc": [...]})."""
         raise NotImplementedError
+
+    def optimizer_specs(self) -> dict[str, OptimizerSpec]:
+        """The method's default optimizer spec per group (e.g. a discriminator's betas); recipes override."""
+        return {}
 
     def optimizers_to_step(self, step: int) -> list[str]:
         """Names of the optimizers that step at iteration ``step`` (alternating updates)."""
@@ -72,7 +175,7 @@ class Method(torch.nn.Module):
 
     # ---- data ----------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
-        """The training data (items are dicts; the default collate stacks tensors, lists strings)."""
+        """The training data (map-style; :func:`fastgen.data.build_dataset` of the ``data:`` section)."""
         raise NotImplementedError
 
     # ---- state -------------------------------------------------------------------------------
@@ -84,13 +187,35 @@ class Method(torch.nn.Module):
         raise NotImplementedError
 
     # ---- use ---------------------------------------------------------------------------------
+    @property
+    def sample_steps(self) -> int:
+        """``sample.steps``, or the method's default."""
+        steps = self.sample_config.steps
+        return int(steps if steps is not None else self.default_sample_steps)
+
+    def sample_settings(self) -> tuple[list[str], int, int]:
+        """``(prompts, steps, seed)`` of the trainer's sample grids."""
+        return list(self.sample_config.prompts), self.sample_steps, int(self.sample_config.seed)
+
+    def is_digits_world(self) -> bool:
+        """True when the teacher is a shipped digits-world teacher (the digits metrics apply)."""
+        return False
+
+    def evaluation_plan(self) -> dict[str, Any] | None:
+        """What the training evaluator samples: ``{"world", "samples", "steps", "seed"}`` or None (off)."""
+        n = self.sample_config.eval_samples
+        n = self.default_eval_samples if n is None else int(n)
+        if n <= 0 or not self.is_digits_world():
+            return None
+        return {"world": "digits", "samples": n, "steps": self.sample_steps, "seed": int(self.sample_config.seed)}
+
     @torch.no_grad()
     def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator) -> torch.Tensor:
-        """Images in [0,1] ``[B,3,H,W]`` from the current student (for grids and quick FID)."""
+        """Images in [0,1] ``[B,3,H,W]`` from the current student (for grids and evaluation)."""
         raise NotImplementedError
 
-    def export(self, folder: Path, metadata: dict[str, Any] | None = None) -> None:
-        """Write a diffusers pipeline folder (or LoRA weights) into ``folder`` (already a temp folder)."""
+    def export_plan(self) -> Any:
+        """A :class:`fastgen.pipelines.writer.ExportPlan`: what the export replaces in the teacher's folder."""
         raise NotImplementedError
 
 
@@ -106,14 +231,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
-    import difflib
-
-    from fastgen.errors import ConfigError
-
+    """The registered method class of ``name`` (importing ``fastgen.trainers.<name>`` on first use)."""
     if name not in METHODS:
-        # methods register on import of their module
-        import importlib
-
         try:
             importlib.import_module(f"fastgen.trainers.{name.replace('-', '_')}")
         except ModuleNotFoundError:

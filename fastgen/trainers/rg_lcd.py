@@ -1,44 +1,46 @@
-"""Reward-guided LCD (RG-LCD): the LCD loss plus ``-beta * reward`` of the student's one-step output.
+"""Reward-guided LCD (RG-LCD): LCD's loss plus ``-beta * reward`` of the student's one-step output.
 
-Let ``zhat = f_theta(x_{t_start}, w, c, t_start)`` be the student's consistency output on a noised
-*real* latent (the ``pred`` of :meth:`LCD.compute_loss`). Two modes:
+One iteration, composing LCD's loss (:func:`~fastgen.trainers.consistency.consistency_distillation_loss`)::
 
-* ``direct``: ``x_hat = decode(zhat)`` in [0,1] (gradients through the VAE decoder) and
-  ``L = L_LCD - beta * mean R(x_hat, prompt)`` with an expert pixel reward model ``R``. Strong
-  betas hack ``R``: high-frequency patterns that raise the reward without better images.
-* ``lrm``: ``L = L_LCD - beta * mean LRM(zhat, prompt)``, a latent proxy reward model
-  (:mod:`fastgen.rewards.latent_proxy`) that reads latents directly. The LRM is its own optimizer
-  group (``train.learning_rates.lrm``) trained every ``lrm_update_every`` steps to agree with the
-  expert: for ``lrm_batch_size`` rows, the candidates {student output, EMA-target output, real
-  latent} are decoded (no grad) and scored by the expert; the LRM's pairwise preferences are pulled
-  to the expert's with a KL loss. The student's loss back-propagates into the student only, the
-  alignment loss into the LRM only (the trainer back-propagates each loss into its own group).
+    (L_LCD, zhat, z_target) = consistency_distillation_loss(student, EMA target, teacher; z0, c)
+    direct:  r = R(decode(zhat), prompt)          expert pixel reward, gradients through the VAE decoder
+    lrm:     r = LRM(zhat, prompt)                latent proxy reward model, no decoding
+    L_student = L_LCD - beta * mean(r)            (back-propagated into the student only)
+    lrm mode, every lrm_update_every-th step, on lrm_batch_size rows:
+        candidates {zhat, z_target, z0} decoded (no grad) and scored by the expert
+        L_lrm = lrm_loss_scale * KL(expert's pairwise preferences || LRM's)   (into the LRM only)
 
-Export is LCD's: a stock ``StableDiffusionPipeline`` + ``LCMScheduler`` folder (or LoRA weights).
+Strong betas hack a direct expert: high-frequency patterns that raise the reward without better
+images; the proxy is safer (not immune). Export is LCD's: a stock pipeline + ``LCMScheduler`` folder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from fastgen.errors import ConfigError, DataError, ModelLoadError
-from fastgen.trainers.lcd import LCD, LCDConfig
+from fastgen.losses import pairwise_preference_kl, reward_loss
+from fastgen.rewards import load_reward
+from fastgen.rewards.latent_proxy import LatentRewardModel, LRMPretrainConfig, pretrain_lrm
+from fastgen.trainers.consistency import ConsistencyMethod, consistency_distillation_loss, consistency_setup, drop_captions
+from fastgen.trainers.lcd import LCDConfig
 from fastgen.trainers.method import StepOutput, register_method
+
+__all__ = ["RGLCD", "RGLCDConfig"]
 
 
 @dataclass
 class RGLCDConfig(LCDConfig):
-    """RG-LCD options: every LCD option plus
+    """RG-LCD options (the ``rg_lcd:`` section): LCD's options (same names) plus
 
     Attributes:
         mode: ``"direct"`` (expert reward on decoded pixels) or ``"lrm"`` (latent proxy reward).
         reward: the expert reward model, a name (``digits``, ``hpsv2``, ``pickscore``, ``imagereward``,
-            ``clip``) or a dict ``{name: ..., <options>}`` / ``{weighted: {...}}`` for
-            :func:`fastgen.rewards.load_reward`.
+            ``clip``) or a dict for :func:`fastgen.rewards.load_reward`.
         reward_scale: ``beta``.
         lrm_path: folder of a pre-trained LRM (``fastgen lrm pretrain``); with ``lrm_pretrain_if_missing``
             (digits world only) it is pre-trained there first when absent.
@@ -46,9 +48,10 @@ class RGLCDConfig(LCDConfig):
         lrm_update_every: the LRM steps every k-th student step (1 = RG-LCD's 1:1 ratio).
         lrm_batch_size: rows of the batch used for the alignment loss (RG-LCD: 16).
         lrm_loss_scale: multiplier of the alignment loss.
-        smooth_gt_label: for pairs with the real latent where the expert prefers the generated one,
-            use the preference (0.5, 0.5).
+        smooth_gt_label: pairs with the real latent where the expert prefers the generated one get (0.5, 0.5).
     """
+
+    section: ClassVar[str] = "rg_lcd"
 
     mode: Literal["direct", "lrm"] = "direct"
     reward: Any = "digits"
@@ -76,37 +79,33 @@ class RGLCDConfig(LCDConfig):
 
 
 @register_method
-class RGLCD(LCD):
+class RGLCD(ConsistencyMethod):
+    """Reward-guided LCD; see the module docstring for the algorithm."""
+
     name = "rg-lcd"
     config_class = RGLCDConfig
 
-    def __init__(self, config: RGLCDConfig):
-        super().__init__(config)
-        from fastgen.rewards import load_reward
-
+    def __init__(self, config: RGLCDConfig, **shared: Any):
+        super().__init__(config, **shared)
+        self.nets = consistency_setup(self, "RG-LCD")
         self.reward_model = load_reward(config.reward)
-        self.lrm = None
+        self.lrm: LatentRewardModel | None = None
         if config.mode == "lrm":
             self.lrm = self._load_lrm(config)
             self.lrm.train()
 
-    # ------------------------------------------------------------------ LRM
-
-    def _load_lrm(self, cfg: RGLCDConfig):
-        from fastgen.rewards.latent_proxy import LatentRewardModel, LRMPretrainConfig, pretrain_lrm
-
+    def _load_lrm(self, cfg: RGLCDConfig) -> LatentRewardModel:
         path = Path(cfg.lrm_path)
         if not (path / "config.json").is_file():
             if not (cfg.lrm_pretrain_if_missing and self.is_digits_world()):
                 raise ModelLoadError(
                     f"no latent reward model at {path} (config.json + model.safetensors); pre-train one with "
-                    f"`fastgen lrm pretrain teacher={cfg.teacher} out={path}`"
+                    f"`fastgen lrm pretrain teacher={self.nets.loaded.name} out={path}`"
                 )
-            pretrain_lrm(LRMPretrainConfig(**{"teacher": cfg.teacher, "out": str(path), **cfg.lrm_pretrain}))
+            pretrain_lrm(LRMPretrainConfig(**{"teacher": self.nets.loaded.name, "out": str(path), **cfg.lrm_pretrain}))
         lrm = LatentRewardModel.from_pretrained(path, trainable=True)
-        t = self.teacher
-        size = self.resolution // t.vae_scale_factor
-        lrm.check_compatible(t.latent_channels, size)
+        t = self.nets.teacher
+        lrm.check_compatible(t.latent_channels, self.nets.resolution // t.vae_scale_factor)
         return lrm
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -116,64 +115,58 @@ class RGLCD(LCD):
         return groups
 
     def optimizers_to_step(self, step: int) -> list[str]:
-        names = ["student"]
-        if self.lrm is not None and step % self.config.lrm_update_every == 0:
-            names.append("lrm")
-        return names
-
-    # ------------------------------------------------------------------ the step
+        lrm_now = self.lrm is not None and step % self.config.lrm_update_every == 0
+        return ["student", "lrm"] if lrm_now else ["student"]
 
     def decode_01(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0,1] (gradients reach the latents)."""
-        return (self.teacher.decode(latents) + 1.0) / 2.0
+        return (self.nets.teacher.decode(latents) + 1.0) / 2.0
 
     def train_step(self, batch: dict[str, Any], step: int) -> StepOutput:
+        nets, cfg = self.nets, self.config
         captions = batch.get("caption")
         if captions is None:
             raise DataError("RG-LCD needs the captions as text for its reward model; the batch has none "
-                            "(set lcd.use_latent_cache=false, or use a cache that keeps captions)")
+                            "(set data.latent_cache=false, or use a cache that keeps captions)")
         prompts = [captions] if isinstance(captions, str) else list(captions)
-        latents, embeds = self.encode_batch(batch)
+        latents, embeds = nets.encode_batch(batch, self.data_config.vae_sample)
         b, device = latents.shape[0], latents.device
-        if len(prompts) < b:
+        if len(prompts) != b:
             raise DataError(f"{len(prompts)} prompts for a batch of {b}: RG-LCD needs one prompt per image")
-        cfg = self.config
+        # 1. caption dropout: the student also learns the unconditional branch (the reward keeps the real prompt)
+        if cfg.caption_dropout > 0:
+            drop = torch.rand(b) < cfg.caption_dropout
+            if bool(drop.any()):
+                embeds = drop_captions(embeds, nets.uncond(device), drop)
+        # 2. LCD's loss (composed): zhat = f_theta(x_s), its EMA target
         index = torch.randint(0, cfg.num_ddim_timesteps, (b,)).to(device)
         noise = torch.randn_like(latents)
-        w = self.sample_guidance(b, device)
-        out = self.compute_loss(latents, embeds, index, noise, w)
+        w = nets.guidance(b, device)
+        out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c)
         pred = out["pred"]
-        if cfg.mode == "direct":
-            reward = self.reward_model(self.decode_01(pred), prompts)
-        else:
-            reward = self.lrm(pred, prompts)
-        student_loss = out["loss"] - cfg.reward_scale * reward.mean()
+        # 3. the reward of the one-step output: expert on pixels, or the latent proxy
+        reward = self.reward_model(self.decode_01(pred), prompts) if cfg.mode == "direct" else self.lrm(pred, prompts)
+        student_loss = out["loss"] + reward_loss(reward, cfg.reward_scale)
         losses = {"student": student_loss}
         logs = {"loss": float(student_loss.detach()), "lcd_loss": float(out["loss"].detach()),
                 "reward": float(reward.detach().mean()), "w_mean": float(w.mean())}
-        if self.lrm is not None and "lrm" in self.optimizers_to_step(step):
-            lrm_loss, acc, expert_mean = self.alignment_loss(pred.detach(), out["target"].detach(), latents, prompts)
+        # 4. lrm mode: align the proxy with the expert's preferences over {student, target, real}
+        if "lrm" in self.optimizers_to_step(step):
+            lrm_loss, agreement, expert_mean = self.alignment_loss(pred.detach(), out["target"].detach(), latents, prompts)
             losses["lrm"] = lrm_loss
-            logs.update(lrm_loss=float(lrm_loss.detach()), lrm_agreement=float(acc), expert_reward=float(expert_mean))
+            logs.update(lrm_loss=float(lrm_loss.detach()), lrm_agreement=float(agreement), expert_reward=float(expert_mean))
         return StepOutput(losses=losses, logs=logs)
 
     def alignment_loss(self, student: torch.Tensor, target: torch.Tensor, real: torch.Tensor, prompts: list[str]):
         """Pairwise KL between the expert's and the LRM's preferences over {student, target, real}."""
-        from fastgen.rewards.latent_proxy import pairwise_preference_loss
-
         k = min(self.config.lrm_batch_size, student.shape[0])
         rows = torch.randperm(student.shape[0])[:k]
-        cands = torch.stack([student[rows], target[rows], real[rows]], dim=1)  # [k, 3, C, h, w]
-        flat = cands.flatten(0, 1)
+        flat = torch.stack([student[rows], target[rows], real[rows]], dim=1).flatten(0, 1)  # [k*3, C, h, w]
         ps = [prompts[int(i)] for i in rows for _ in range(3)]
         with torch.no_grad():
-            images = self.decode_01(flat.float())
-            expert = self.reward_model(images, ps).float() * self.reward_model.preference_scale()
-        lrm_logits = self.lrm.logits(flat, ps).view(k, 3)
-        loss, acc = pairwise_preference_loss(expert.view(k, 3), lrm_logits, smooth_gt_label=self.config.smooth_gt_label)
-        return loss * self.config.lrm_loss_scale, acc, expert.view(k, 3).mean()
-
-    # ------------------------------------------------------------------ state and export
+            expert = self.reward_model(self.decode_01(flat.float()), ps).float() * self.reward_model.preference_scale()
+        loss, agreement = pairwise_preference_kl(expert.view(k, 3), self.lrm.logits(flat, ps).view(k, 3), self.config.smooth_gt_label)
+        return loss * self.config.lrm_loss_scale, agreement, expert.view(k, 3).mean()
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         state = super().checkpoint_state_dict()
@@ -186,19 +179,13 @@ class RGLCD(LCD):
         super().load_checkpoint_state_dict({k: v for k, v in state.items() if not k.startswith("lrm.")})
         if self.lrm is not None:
             if not lrm_state:
-                raise ModelLoadError("this checkpoint has no latent reward model (rg_lcd.mode=direct run?); "
-                                     "resume it with rg_lcd.mode=direct")
+                raise ModelLoadError("this checkpoint has no latent reward model (rg_lcd.mode=direct run?); resume it with rg_lcd.mode=direct")
             self.lrm.load_state_dict(lrm_state, strict=True)
 
-    def _common_info(self) -> dict[str, Any]:
-        info = super()._common_info()
+    def export_extra(self) -> dict[str, Any]:
         cfg = self.config
-        info["method"] = f"rg-lcd-{cfg.mode}" + ("-lora" if self.is_lora else "")
-        info["reward"] = self.reward_model.describe()
-        info["reward_scale"] = cfg.reward_scale
+        extra = {"method_title": "Reward-guided Latent Consistency Distillation", "reward": self.reward_model.describe(),
+                 "reward_scale": cfg.reward_scale, "mode": cfg.mode}
         if self.lrm is not None:
-            info["lrm_path"] = str(cfg.lrm_path)
-        return info
-
-
-__all__ = ["RGLCD", "RGLCDConfig"]
+            extra["lrm_path"] = str(cfg.lrm_path)
+        return extra

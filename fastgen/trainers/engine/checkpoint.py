@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.io import atomic_write_text, fsync_dir, fsync_file
+
 from fastgen.errors import ModelLoadError
 
 __all__ = [
@@ -165,25 +167,6 @@ def find_checkpoint(run_dir: str | os.PathLike[str], which: str | os.PathLike[st
 # --------------------------------------------------------------------------- durable writing
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _finish_file(path: Path) -> None:
-    """Flush ``path`` to disk (every checkpoint file passes through here once written)."""
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (moved to CPU, made contiguous, shared storage de-duplicated)."""
     from safetensors.torch import save_file
@@ -206,7 +189,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.
         seen.add(t.untyped_storage().data_ptr())
         out[k] = t
     save_file(out, str(path), metadata=metadata)
-    _finish_file(path)
+    fsync_file(path)
 
 
 def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
@@ -214,25 +197,18 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
     path = Path(path)
     with open(path, "wb") as fh:
         torch.save(obj, fh)
-    _finish_file(path)
+    fsync_file(path)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    _finish_file(path)
+    fsync_file(path)
 
 
 def write_latest(ckpt_dir: str | os.PathLike[str], name: str) -> None:
-    """Atomically point ``checkpoints/latest`` at ``name`` (temp file + fsync + os.replace)."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(name + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, ckpt_dir / LATEST_FILE)
-    _fsync_dir(ckpt_dir)
+    """Atomically point ``checkpoints/latest`` at ``name``."""
+    atomic_write_text(Path(ckpt_dir) / LATEST_FILE, name + "\n")
 
 
 def remove_stale_temp(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
@@ -266,7 +242,7 @@ def finish_checkpoint(ckpt_dir: str | os.PathLike[str], tmp: Path, step: int, ke
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / checkpoint_name(step)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         if read_latest(ckpt_dir) == final.name:
             raise CheckpointError(
@@ -278,7 +254,7 @@ def finish_checkpoint(ckpt_dir: str | os.PathLike[str], tmp: Path, step: int, ke
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     write_latest(ckpt_dir, final.name)
     if keep and keep > 0:
         latest = final.name

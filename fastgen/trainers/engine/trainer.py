@@ -56,7 +56,9 @@ import numpy as np
 import torch
 
 from fastgen.errors import ConfigError, DataError, FastgenError
+from fastgen.io import atomic_write_text, save_image_grid
 from fastgen.trainers.engine import checkpoint as ckpt
+from fastgen.trainers.engine.optim import OptimizerSpec, ResolvedSpec, build_optimizer, lr_lambda, resolve_spec
 from fastgen.trainers.method import Method, StepOutput
 
 __all__ = [
@@ -86,10 +88,13 @@ class TrainConfig:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    #: learning rate of every optimizer unless ``learning_rates`` names it
+    #: learning rate of every optimizer unless its spec (``optimizers``) or ``learning_rates`` names one
     learning_rate: float = 1e-4
     #: per-optimizer learning rates, e.g. {disc: 2e-4}
     learning_rates: dict[str, float] = field(default_factory=dict)
+    #: per-group optimizer specs (:class:`~fastgen.trainers.engine.optim.OptimizerSpec`), e.g.
+    #: ``{disc: {optimizer: adam, betas: [0.0, 0.99], learning_rate: 2e-4}}``; unset fields inherit
+    optimizers: dict[str, OptimizerSpec] = field(default_factory=dict)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -105,10 +110,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     #: write samples/step-XXXXXX.png every N iterations (0: never)
     sample_every: int = 0
-    #: prompts of the sample grid (empty: the method's ``default_sample_prompts``)
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 4
-    sample_seed: int = 0
     #: call ``method.evaluate(step)`` every N iterations and append its dict to metrics.jsonl (0: never)
     eval_every: int = 0
     log_every: int = 10
@@ -122,7 +123,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}; set train.{name}=<positive int>")
-        non_negative = ("warmup_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "eval_every", "num_workers", "sample_steps")
+        non_negative = ("warmup_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "eval_every", "num_workers")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -141,27 +142,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def lr_lambda(kind: str, warmup_steps: int, max_steps: int):
-    """The LR multiplier as a function of the number of completed iterations."""
-
-    def warm(s: int) -> float:
-        return min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-    def fn(s: int) -> float:
-        if kind == "constant":
-            return 1.0
-        if s < warmup_steps:
-            return warm(s)
-        if kind == "constant_with_warmup":
-            return 1.0
-        progress = min(1.0, (s - warmup_steps) / max(1, max_steps - warmup_steps))
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)  # linear
-
-    return fn
 
 
 def make_accelerator(config: TrainConfig, run_dir: str | os.PathLike[str] | None = None):
@@ -346,27 +326,39 @@ class Trainer:
         if self.world_size > 1:
             self._broadcast_from_main()
 
-        unknown = set(config.learning_rates) - set(self.groups)
-        if unknown:
-            import difflib
+        for key, given in (("learning_rates", config.learning_rates), ("optimizers", config.optimizers)):
+            unknown = set(given) - set(self.groups)
+            if unknown:
+                import difflib
 
-            bad = sorted(unknown)[0]
-            close = difflib.get_close_matches(bad, list(self.groups), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"the optimizers are: {', '.join(self.groups)}"
-            raise ConfigError(f"train.learning_rates names optimizer '{bad}', which method '{method.name}' does not have; {hint}")
+                bad = sorted(unknown)[0]
+                close = difflib.get_close_matches(bad, list(self.groups), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"the optimizers are: {', '.join(self.groups)}"
+                raise ConfigError(f"train.{key} names optimizer '{bad}', which method '{method.name}' does not have; {hint}")
+        defaults = dict(method.optimizer_specs())
+        self.specs: dict[str, ResolvedSpec] = {
+            name: resolve_spec(name, config.optimizers.get(name), defaults.get(name), config) for name in self.groups
+        }
+        # each group's LR schedule counts its own updates: how many it makes in max_steps iterations
+        updates = {name: 0 for name in self.groups}
+        for it in range(config.max_steps):
+            for name in method.optimizers_to_step(it):
+                if name in updates:
+                    updates[name] += 1
+        self.total_updates = updates
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         for name, params in self.groups.items():
-            opt = torch.optim.AdamW(
-                params,
-                lr=config.learning_rates.get(name, config.learning_rate),
-                betas=(config.adam_beta1, config.adam_beta2),
-                eps=config.adam_epsilon,
-                weight_decay=config.weight_decay,
-            )
+            spec = self.specs[name]
+            if spec.lr_scheduler in ("cosine", "linear") and spec.warmup_steps >= max(1, updates[name]):
+                raise ConfigError(
+                    f"optimizer '{name}' makes {updates[name]} updates in train.max_steps={config.max_steps} iterations, "
+                    f"not more than its warmup_steps ({spec.warmup_steps}); lower the warm-up or train longer"
+                )
+            opt = build_optimizer(params, spec)
             self.optimizers[name] = opt
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(config.lr_scheduler, config.warmup_steps, config.max_steps)
+                opt, lr_lambda(spec.lr_scheduler, spec.warmup_steps, updates[name])
             )
         self.scaler = getattr(acc, "scaler", None)  # set by accelerate for fp16 on GPUs only
         if config.mixed_precision != "no" and not getattr(acc, "native_amp", True):
@@ -593,8 +585,9 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
             grads = [p.grad for p in params if p.grad is not None]
-            if grads and cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            clip = self.specs[name].max_grad_norm
+            if grads and clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, clip)
             elif grads:
                 norm = torch.nn.utils.get_total_norm(grads)
             else:
@@ -616,10 +609,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         with warnings.catch_warnings():
-            # schedulers follow the global iteration, also for optimizers that did not step now
+            # a group's schedule advances with its own updates (skipped non-finite ones included)
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\).*")
-            for sched in self.schedulers.values():
-                sched.step()
+            for name in names:
+                self.schedulers[name].step()
 
         if skipped:
             self.skipped_nonfinite += 1
@@ -687,14 +680,6 @@ class Trainer:
                 g.copy_(f)
 
     # ---- samples and evaluation -------------------------------------------------------------
-    def _sample_prompts(self) -> list[str]:
-        if self.config.sample_prompts:
-            return list(self.config.sample_prompts)
-        default = getattr(self.method, "default_sample_prompts", None)
-        if callable(default):
-            default = default()
-        return list(default or [])
-
     def _isolated(self, fn):
         """Run ``fn`` in eval mode without grad, leaving RNG streams and train/eval modes as they were."""
         rng = ckpt.capture_rng_state()
@@ -712,23 +697,19 @@ class Trainer:
         """Write samples/step-XXXXXX.png (main process); returns the path or None."""
         if not self.is_main:
             return None
-        prompts = self._sample_prompts()
+        prompts, steps, seed = self.method.sample_settings()
         if not prompts:
-            warnings.warn(
-                f"no sample prompts (train.sample_prompts is empty and method '{self.method.name}' has no "
-                "default_sample_prompts); skipping the sample grid"
-            )
+            warnings.warn(f"no sample prompts (sample.prompts is empty for method '{self.method.name}'); skipping the sample grid")
             return None
-        from fastgen.evaluation.reports import save_grid
 
         def run():
-            gen = torch.Generator(device=self.device).manual_seed(self.config.sample_seed)
-            return self.method.sample(prompts, self.config.sample_steps, gen)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            return self.method.sample(prompts, steps, gen)
 
         images = self._isolated(run)
         n = images.shape[0]
         nrow = len(prompts) if (n % len(prompts) == 0 and len(prompts) <= 16) else max(1, int(math.ceil(math.sqrt(n))))
-        return save_grid(images.float(), self.run_dir / "samples" / f"step-{self.step:06d}.png", nrow=nrow)
+        return save_image_grid(images.float(), self.run_dir / "samples" / f"step-{self.step:06d}.png", nrow=nrow)
 
     def run_evaluation(self) -> dict[str, float] | None:
         """Call ``evaluator(method, step)`` (main process) and append a row to metrics.jsonl."""
@@ -867,8 +848,6 @@ class Trainer:
                 if int(row.get("step", 0)) <= self.step:
                     keep.append(line)
             if len(keep) != len(lines):
-                from fastgen.evaluation.reports import atomic_write_text
-
                 atomic_write_text(metrics, "".join(k + "\n" for k in keep))
 
 

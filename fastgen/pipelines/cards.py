@@ -1,0 +1,134 @@
+"""Model-card builders per export kind: ``info`` (the export's ``fastgen_export.json`` facts) -> card dict
+(:func:`fastgen.pipelines.model_card.render_model_card`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["clear_card", "consistency_card"]
+
+_CONSISTENCY_TRAINING = (
+    "num_ddim_timesteps", "w_min", "w_max", "w_embedding_dim", "loss", "huber_c", "timestep_scaling", "ema_decay",
+    "lora", "lora_rank", "lora_alpha", "lora_guidance", "caption_dropout", "reward_scale", "mode",
+)
+_CLEAR_TRAINING = ("radius", "down_factor", "caption_dropout", "fm_weight", "kd_weight", "attn_weight", "align_every")
+
+
+def consistency_card(info: dict[str, Any]) -> dict[str, Any]:
+    """Card of a consistency student (LCD, RG-LCD, SCott): a full pipeline with an LCMScheduler, or LoRA weights."""
+    cfg = info["config"]
+    steps, res = info["num_inference_steps"], info["resolution"]
+    lora = info["export"] == "lora"
+    if lora:
+        baked = info["baked_guidance_lcm_form"]
+        baked_txt = (
+            f"w = {baked} (teacher CFG scale {baked + 1:g})"
+            if not isinstance(baked, list)
+            else f"w sampled in [{baked[0]:g}, {baked[1]:g}] (teacher CFG scales {baked[0] + 1:g} to {baked[1] + 1:g})"
+        )
+        usage = (
+            "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{info["base_model_path"]}")  # base: {info["base_model"]}\n'
+            'pipe.scheduler = LCMScheduler.from_pretrained("<this folder>")  # or LCMScheduler.from_config(pipe.scheduler.config)\n'
+            'pipe.load_lora_weights("<this folder>")\n'
+            f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0, height={res}, width={res}).images[0]'
+        )
+        guidance = (
+            f"Classifier-free guidance is baked into the LoRA: during distillation the teacher used {baked_txt}, "
+            "with w in the LCM form `x_c + w (x_c - x_u)` (= diffusers guidance_scale w + 1). Use "
+            "`guidance_scale=1.0` (values above 1 make the stock pipeline run real CFG on top; 1 to 2 may still help)."
+        )
+        weights = "LoRA adapters (peft format, `unet.` prefix) in `pytorch_lora_weights.safetensors`; load with `pipe.load_lora_weights`."
+        title = f"LCM-LoRA distilled from {info['base_model']}"
+    else:
+        g = info["guidance_scale"]
+        lo, hi = info["guidance_scale_range"]
+        usage = (
+            "from diffusers import DiffusionPipeline\n\n"
+            'pipe = DiffusionPipeline.from_pretrained("<this folder>")\n'
+            f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g:g}, height={res}, width={res}).images[0]'
+        )
+        guidance = (
+            f"The UNet embeds the guidance weight (time_cond_proj_dim={info['time_cond_proj_dim']}); no unconditional pass "
+            f"runs. fastgen trains with w in the LCM form `x_c + w (x_c - x_u)`, w in [{lo - 1:g}, {hi - 1:g}]. "
+            f"`{info['pipeline_class']}` embeds `guidance_scale - 1`, so `guidance_scale = w + 1`: a value g here means "
+            f"the teacher's own pipeline at guidance_scale g. Trained range: guidance_scale {lo:g} to {hi:g}; default {g:g}."
+        )
+        which = "EMA target" if info["unet_weights"] == "ema_target" else "online student"
+        weights = (
+            f"`unet/` holds the {which} weights (EMA decay {info['ema_decay']}), stored as {info['unet_dtype']}; the "
+            "text encoder(s), tokenizer(s) and VAE are the teacher's, unchanged."
+        )
+        title = f"LCM distilled from {info['teacher']}"
+    return {
+        "title": title,
+        "method": info.get("method_title", "Latent Consistency Distillation") + (" (LoRA)" if lora else ""),
+        "teacher": f"{info['teacher']} ({info['teacher_pipeline_class']}, {info['prediction_type']} prediction)",
+        "pipeline_class": info["pipeline_class"],
+        "scheduler": (
+            f"LCMScheduler (original_inference_steps={info['original_inference_steps']}, "
+            f"timestep_scaling={info['timestep_scaling']:g})"
+        ),
+        "steps": f"{steps} (LCMScheduler accepts 1 to {info['original_inference_steps']})",
+        "guidance": guidance,
+        "weights": weights,
+        "resolution": res,
+        "metrics": info.get("metrics") or {},
+        "metadata": info.get("metadata") or {},
+        "usage": usage,
+        "training": {k: v for k, v in cfg.items() if k in _CONSISTENCY_TRAINING},
+        "tags": ["fastgen", "lcm", "latent-consistency", "distillation"] + (["lora"] if lora else []),
+    }
+
+
+def clear_card(info: dict[str, Any]) -> dict[str, Any]:
+    """Card of a CLEAR export (a Flux pipeline whose transformer uses local attention)."""
+    res, steps = info["resolution"], info["num_inference_steps"]
+    if info["guidance_mode"] == "embedded":
+        call = f'guidance_scale={info["guidance_scale"]:g}'
+        guidance = (
+            f"The transformer is guidance-distilled: `guidance_scale={info['guidance_scale']:g}` is embedded "
+            "(no unconditional pass), as for the teacher."
+        )
+    elif info["true_cfg_scale"] > 1:
+        call = f'true_cfg_scale={info["true_cfg_scale"]:g}, negative_prompt="", guidance_scale=1.0'
+        guidance = (
+            f"True classifier-free guidance against the empty prompt: `true_cfg_scale={info['true_cfg_scale']:g}` "
+            "with `negative_prompt=\"\"` (FluxPipeline only runs the unconditional pass when both are given; "
+            "`guidance_scale` is ignored by a transformer without guidance embedding)."
+        )
+    else:
+        call = "guidance_scale=1.0"
+        guidance = "No guidance (the teacher's default)."
+    usage = (
+        "import fastgen  # registers ClearFluxTransformer2DModel for diffusers' loader\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        'pipe = DiffusionPipeline.from_pretrained("<this folder>")\n'
+        f'image = pipe("a prompt", num_inference_steps={steps}, {call}, height={res}, width={res}, '
+        f'max_sequence_length={info["max_sequence_length"]}).images[0]'
+    )
+    weights = (
+        "`transformer/` is a `ClearFluxTransformer2DModel` (a `FluxTransformer2DModel` subclass from fastgen) whose "
+        f"attention is CLEAR local attention: radius {info['radius']} tokens ({info['window_tokens']} image tokens per "
+        f"interior window, {100 * info['window_fraction']:.2f}% of the {info['image_tokens']} image tokens at {res} px)"
+        + (f", plus pooled KV (factor {info['down_factor']}, learned weights)" if info["down_factor"] > 1 else "")
+        + ". Only the image-stream attention projections (to_q/to_k/to_v/to_out) were trained; everything else, the "
+        "text encoders and the VAE are the teacher's. `model_index.json` lists the transformer as "
+        "`[\"fastgen\", \"ClearFluxTransformer2DModel\"]`: import fastgen before loading."
+    )
+    return {
+        "title": f"CLEAR (r={info['radius']}) distilled from {info['teacher']}",
+        "method": "CLEAR: convolution-like local attention distillation",
+        "teacher": f"{info['teacher']} ({info['teacher_pipeline_class']})",
+        "pipeline_class": info["pipeline_class"],
+        "scheduler": f"{info['scheduler']} (the teacher's)",
+        "steps": steps,
+        "guidance": guidance,
+        "weights": weights,
+        "resolution": res,
+        "metrics": info.get("metrics") or {},
+        "metadata": info.get("metadata") or {},
+        "usage": usage,
+        "training": {k: v for k, v in info["config"].items() if k in _CLEAR_TRAINING},
+        "tags": ["fastgen", "clear", "local-attention", "distillation", "flux"],
+    }

@@ -1,0 +1,175 @@
+"""The one pipeline-folder writer every method's export goes through.
+
+A method declares what its export is (an :class:`ExportPlan`): the teacher's loaded pipeline, the
+components it replaces (a student UNet, a CLEAR transformer, a scheduler), ``model_index.json``
+entries naming our own classes, or LoRA weights for the teacher; plus the facts for
+``fastgen_export.json`` and the model card. :func:`write_pipeline` writes it into a temp folder
+next to the target and renames it into place when complete (:func:`fastgen.io.atomic_folder`),
+so a failure or a kill never leaves a half-written export. It never imports the trainers.
+
+Export kinds:
+
+* ``pipeline``: ``type(base)(**components)`` with the replacements, ``save_pretrained`` with
+  safetensors; stock ``DiffusionPipeline.from_pretrained(folder)`` loads it (``import fastgen``
+  first when ``model_index`` names a fastgen class).
+* ``lora``: ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` on the teacher's
+  pipeline, plus the scheduler's config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from fastgen.errors import FastgenError
+from fastgen.io import atomic_folder, atomic_write_json
+from fastgen.pipelines.model_card import write_model_card
+
+__all__ = ["ExportError", "ExportExistsError", "ExportPlan", "build_pipeline", "read_run_metrics", "write_pipeline"]
+
+
+class ExportError(FastgenError):
+    """An export could not be written (the message names the cause and the fix)."""
+
+
+class ExportExistsError(ExportError, FileExistsError):
+    """The export folder already exists and ``overwrite`` was not given."""
+
+
+@dataclass
+class ExportPlan:
+    """What an export writes.
+
+    Attributes:
+        kind: ``"pipeline"`` or ``"lora"``.
+        base: the teacher's loaded diffusers pipeline (its components are kept unless replaced).
+        replace: component name -> new component (``{"unet": student, "scheduler": LCMScheduler(...)}``).
+        model_index: ``model_index.json`` entries to rewrite, e.g. ``{"transformer": ["fastgen", "X"]}``.
+        lora_weights: adapter weights of the ``lora`` kind (peft keys, without the ``unet.`` prefix).
+        lora_metadata: the adapter's peft config (``save_lora_weights`` stores it).
+        info: the facts written to ``fastgen_export.json`` (``method``, ``resolution``, ``num_inference_steps``,
+            ``guidance_scale`` ... ; ``fastgen sample`` and the benchmarks read them).
+        card: a function ``info -> model-card dict`` (:mod:`fastgen.pipelines.cards`).
+        dtype: dtype of replaced modules in the export (``None``: as they are).
+    """
+
+    kind: Literal["pipeline", "lora"]
+    base: Any
+    replace: dict[str, Any] = field(default_factory=dict)
+    model_index: dict[str, list[str]] = field(default_factory=dict)
+    lora_weights: dict[str, torch.Tensor] | None = None
+    lora_metadata: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    card: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    dtype: torch.dtype | None = None
+
+
+def build_pipeline(base: Any, replace: dict[str, Any]) -> Any:
+    """A pipeline of ``type(base)`` with ``base``'s components and config, ``replace`` swapped in."""
+    pipe_cls = type(base)
+    components = dict(base.components)
+    components.update(replace)
+    params = inspect.signature(pipe_cls.__init__).parameters
+    for key in params:
+        if key not in components and key != "self" and key in base.config:
+            components[key] = base.config[key]
+    if "requires_safety_checker" in params:
+        components["requires_safety_checker"] = False
+    return pipe_cls(**{k: v for k, v in components.items() if k in params})
+
+
+def _write_plan(plan: ExportPlan, folder: Path) -> None:
+    if plan.kind == "pipeline":
+        replace = dict(plan.replace)
+        if plan.dtype is not None:
+            import copy
+
+            for name, module in replace.items():
+                if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype != plan.dtype:
+                    replace[name] = copy.deepcopy(module).to(plan.dtype)
+        pipe = build_pipeline(plan.base, replace)
+        pipe.save_pretrained(os.fspath(folder), safe_serialization=True)
+        if plan.model_index:
+            index_path = folder / "model_index.json"
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index.update({k: list(v) for k, v in plan.model_index.items()})
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    elif plan.kind == "lora":
+        if not plan.lora_weights:
+            raise ExportError("a LoRA export needs lora_weights; the method's export plan has none")
+        type(plan.base).save_lora_weights(
+            os.fspath(folder),
+            unet_lora_layers=plan.lora_weights,
+            unet_lora_adapter_metadata=plan.lora_metadata,
+            safe_serialization=True,
+        )
+        if "scheduler" in plan.replace:
+            plan.replace["scheduler"].save_config(os.fspath(folder))
+    else:
+        raise ExportError(f"unknown export kind {plan.kind!r}; use 'pipeline' or 'lora'")
+
+
+def write_pipeline(
+    plan: ExportPlan,
+    out_dir: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``plan`` into ``out_dir`` atomically, with ``fastgen_export.json`` and a README.md model card.
+
+    Args:
+        metadata: facts for the card and the json (``metrics``: {name: value}, ``run_dir``, ...).
+        overwrite: replace an existing ``out_dir`` (only after the new export is complete).
+
+    Raises:
+        ExportExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        ExportError: ``out_dir`` is a file, its parent cannot be written, or the plan is incomplete.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export path '{out}' is a file; pass a folder path that does not exist yet")
+    if out.exists() and not overwrite:
+        raise ExportExistsError(
+            f"export folder '{out}' already exists; choose a new folder or pass overwrite=True (--overwrite) to replace it"
+        )
+    metadata = dict(metadata or {})
+    info = dict(plan.info)
+    info["metadata"] = {k: v for k, v in metadata.items() if k != "metrics"}
+    info["metrics"] = metadata.get("metrics") or {}
+    try:
+        with atomic_folder(out, tag="exporting") as tmp:
+            _write_plan(plan, tmp)
+            atomic_write_json(tmp / "fastgen_export.json", info)
+            if plan.card is not None:
+                write_model_card(tmp, plan.card(info))
+    except PermissionError as exc:
+        raise ExportError(f"cannot write the export '{out}': {exc}; choose a folder you can write to") from exc
+    return out
+
+
+def read_run_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The latest value of every numeric metric in ``run_dir/metrics.jsonl`` (empty if none; the
+    wall-clock ``time`` column is left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    metrics: dict[str, Any] = {}
+    if not path.is_file():
+        return metrics
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            for k, v in record.items():
+                if k != "time" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics[k] = v
+    return metrics

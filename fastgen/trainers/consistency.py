@@ -1,0 +1,377 @@
+"""What every consistency-distillation method shares (LCD, RG-LCD, SCott): the networks and the loss.
+
+:class:`ConsistencyStudent` holds the frozen teacher, the student (a full UNet copy with an
+embedded guidance ``w``, or LoRA adapters on the teacher's own UNet) and its target (an EMA of
+the full student; the LoRA student itself under ``no_grad``), samples with LCM's multistep
+consistency sampler exactly as the exported pipeline does, and declares the export (a stock
+pipeline with an ``LCMScheduler``, or LoRA weights).
+
+:func:`consistency_distillation_loss` is LCD's loss for explicit randomness; methods compose it.
+
+**Guidance convention.** ``w`` is the LCM-paper form ``x_c + w (x_c - x_u)`` = Imagen/diffusers CFG
+with scale ``w + 1``: the teacher is called with ``guidance = w + 1``. Stock diffusers pipelines
+embed ``guidance_scale - 1`` for a UNet with ``time_cond_proj_dim``, so an exported full student
+run at ``guidance_scale = g`` reproduces training ``w = g - 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import LCMScheduler
+
+from fastgen.diffusion import ddim_step, lcm_timesteps, multistep_consistency_sample, randn_like_diffusers, skip_grid
+from fastgen.errors import ConfigError, DataError, ModelLoadError
+from fastgen.losses import consistency_loss
+from fastgen.models import PromptEmbeds
+from fastgen.models.denoisers import ConsistencyDenoiser, with_guidance_embedding
+from fastgen.models.lora import LoRA
+from fastgen.models.spec import LoadedTeacher, load_teacher, lower_precision
+from fastgen.data.sources import build_dataset
+from fastgen.pipelines.cards import consistency_card
+from fastgen.pipelines.writer import ExportPlan
+from fastgen.trainers.engine.ema import ema_update_
+from fastgen.trainers.method import Method
+
+__all__ = ["ConsistencyMethod", "ConsistencyStudent", "consistency_distillation_loss", "consistency_setup", "drop_captions"]
+
+_COND_PROJ_KEY = "time_embedding.cond_proj.weight"
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def drop_captions(embeds: PromptEmbeds, uncond: PromptEmbeds, drop: torch.Tensor) -> PromptEmbeds:
+    """Rows where ``drop`` is true get the empty-prompt embedding ``uncond``."""
+    u = uncond.to(embeds.device, embeds.dtype).expand(len(embeds))
+    d = drop.to(embeds.device)
+
+    def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None:
+            return None
+        return torch.where(d.view(-1, *([1] * (a.ndim - 1))), b.to(a.dtype), a)
+
+    return PromptEmbeds(hidden=pick(embeds.hidden, u.hidden), pooled=pick(embeds.pooled, u.pooled), extra=dict(embeds.extra))
+
+
+class ConsistencyStudent(torch.nn.Module):
+    """Teacher + consistency student + target of an SD-family UNet teacher (see the module docstring).
+
+    Args:
+        loaded: the teacher (:func:`fastgen.models.spec.load_teacher`).
+        cfg: the method's options (an ``LCDConfig`` or a dataclass with its fields).
+        section: recipe section for error messages (``lcd``, ``rg_lcd``).
+    """
+
+    def __init__(self, loaded: LoadedTeacher, cfg: Any, section: str):
+        super().__init__()
+        teacher = loaded.teacher
+        if teacher.schedule.kind != "vp":
+            raise ConfigError(f"{section} needs a discrete (DDPM-family) noise schedule; '{loaded.name}' uses {teacher.schedule.kind}")
+        self.teacher, self.loaded, self.cfg, self.section = teacher, loaded, cfg, section
+        self.resolution = loaded.resolution
+        T = int(teacher.schedule.num_train_timesteps)
+        if cfg.num_ddim_timesteps > T:
+            raise ConfigError(f"{section}.num_ddim_timesteps ({cfg.num_ddim_timesteps}) exceeds the teacher's {T} training timesteps")
+        self.register_buffer("ddim_grid", skip_grid(T, cfg.num_ddim_timesteps), persistent=False)
+        self.skip = T // cfg.num_ddim_timesteps
+        net = teacher.net
+        self.lora: LoRA | None = None
+        if cfg.lora:
+            self.lora = LoRA(net, list(cfg.lora_target_modules), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed, section)
+            object.__setattr__(self, "student", net)  # the teacher's own UNet: registered once, as teacher.net
+            self.target = None
+        else:
+            self.student = with_guidance_embedding(net, cfg.w_embedding_dim, f"{section}.w_embedding_dim").requires_grad_(True).train()
+            self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        if cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        lower_precision(teacher, loaded.low_dtype, keep=LoRA.is_adapter)
+        self.denoiser = ConsistencyDenoiser(teacher, cfg.timestep_scaling, None if cfg.lora else cfg.w_embedding_dim)
+        self._uncond_cpu = teacher.encode_prompt([""])
+        self._uncond: dict[str, PromptEmbeds] = {}
+
+    # ------------------------------------------------------------------ networks
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.device
+
+    def adapters_disabled(self):
+        """LoRA mode: the shared UNet runs as the plain teacher inside this block."""
+        return self.lora.disabled() if self.lora is not None else contextlib.nullcontext()
+
+    def train(self, mode: bool = True) -> "ConsistencyStudent":
+        super().train(mode)
+        if self.target is not None:
+            self.target.eval()
+        elif self.lora is not None:
+            self.student.train(mode)  # LoRA dropout / gradient checkpointing act in training
+        return self
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self.lora.parameters() if self.lora is not None else [p for p in self.student.parameters() if p.requires_grad]
+
+    def target_net(self) -> torch.nn.Module:
+        return self.student if self.target is None else self.target
+
+    def sampling_net(self, weights: str = "target") -> torch.nn.Module:
+        return self.student if (self.target is None or weights == "online") else self.target
+
+    @torch.no_grad()
+    def update_target(self, decay: float) -> None:
+        if self.target is not None:
+            ema_update_(self.target.parameters(), self.student.parameters(), decay)
+
+    def uncond(self, device: torch.device) -> PromptEmbeds:
+        key = str(device)
+        if key not in self._uncond:
+            self._uncond[key] = self._uncond_cpu.to(device)
+        return self._uncond[key]
+
+    def guidance(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Per-sample ``w`` (LCM form): fixed ``lora_guidance`` in LoRA mode when set, else U[w_min, w_max]."""
+        cfg = self.cfg
+        if self.is_lora and cfg.lora_guidance is not None:
+            return torch.full((batch,), float(cfg.lora_guidance), device=device)
+        return (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch)).to(device)
+
+    def f(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, w: torch.Tensor | None) -> torch.Tensor:
+        """The consistency function of ``net`` (``w`` ignored by a LoRA student, whose guidance is baked in)."""
+        return self.denoiser(net, x_t, t, embeds, None if self.is_lora else w)
+
+    # ------------------------------------------------------------------ data
+    def encode_batch(self, batch: dict[str, Any], vae_sample: bool = False) -> tuple[torch.Tensor, PromptEmbeds]:
+        """``(latents [B, C, h, w] float32, embeddings)`` of pixels+captions or cached tensors."""
+        device = self.device
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(device=device, dtype=torch.float32)
+            elif "pixels" in batch:
+                with _no_autocast(device):  # the VAE encodes in its own dtype (fp16 VAEs overflow)
+                    latents = self.teacher.encode(batch["pixels"].to(device=device, dtype=torch.float32), sample=vae_sample).float()
+            else:
+                raise DataError(f"a {self.section} batch needs 'pixels' (images in [-1, 1]) or 'latents' (a cache); got {sorted(batch)}")
+            if "hidden" in batch:
+                embeds = PromptEmbeds(hidden=batch["hidden"].to(device), pooled=batch["pooled"].to(device) if "pooled" in batch else None)
+            elif "caption" in batch:
+                captions = batch["caption"]
+                embeds = self.teacher.encode_prompt([captions] if isinstance(captions, str) else list(captions))
+            else:
+                raise DataError(f"a {self.section} batch needs 'caption' strings or cached 'hidden' embeddings; got {sorted(batch)}")
+        if len(embeds) != latents.shape[0]:
+            raise DataError(f"batch has {latents.shape[0]} images but {len(embeds)} captions; pass one caption per image")
+        return latents, embeds
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.lora is not None:
+            return {f"lora.{n}": p for n, p in self.lora.named_weights().items()}
+        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        s = self.section
+        has_lora, has_full = any(k.startswith("lora.") for k in state), any(k.startswith("student.") for k in state)
+        if self.is_lora and not has_lora:
+            raise ModelLoadError(f"this checkpoint holds a full student but the recipe has {s}.lora=true; set {s}.lora=false to load it")
+        if not self.is_lora and not has_full:
+            raise ModelLoadError(
+                f"this checkpoint holds LoRA weights but the recipe has {s}.lora=false; set {s}.lora=true (and the same "
+                "lora_rank / lora_target_modules) to load it"
+            )
+        if self.lora is not None:
+            self.lora.load({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
+            return
+        key = f"student.{_COND_PROJ_KEY}"
+        if key not in state:
+            raise ModelLoadError(f"checkpoint has no guidance embedding ('{key}'); it is not a full consistency-student checkpoint")
+        got, want = int(state[key].shape[1]), int(self.cfg.w_embedding_dim)
+        if got != want:
+            raise ConfigError(
+                f"the checkpoint's guidance embedding has size {got} (time_cond_proj_dim) but the recipe sets "
+                f"{s}.w_embedding_dim={want}; set {s}.w_embedding_dim={got} to load this checkpoint"
+            )
+        for prefix, net in (("student.", self.student), ("target.", self.target)):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                net.load_state_dict(sub, strict=True)
+            except RuntimeError as exc:
+                raise ModelLoadError(
+                    f"checkpoint '{prefix.rstrip('.')}' weights do not fit the student built from teacher "
+                    f"'{self.loaded.name}': {str(exc)[:400]}; use the teacher the run was trained with"
+                ) from exc
+
+    # ------------------------------------------------------------------ use
+    def default_guidance_scale(self, sample_guidance: float | None) -> float:
+        """Pipeline ``guidance_scale`` of samples and the model card (LoRA: 1.0)."""
+        if self.is_lora:
+            return 1.0
+        if sample_guidance is not None:
+            return float(sample_guidance)
+        return 1.0 + 0.5 * (self.cfg.w_min + self.cfg.w_max)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float,
+               weights: str = "target", resolution: int | None = None) -> torch.Tensor:
+        """Images in [0, 1] by multistep consistency sampling on LCMScheduler's timesteps, drawing noise as the
+        exported pipeline does (``x_T`` first, then one re-noise draw per step), so the export gives the same images."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        net, device = self.sampling_net(weights), self.device
+        res = int(resolution or self.resolution)
+        embeds = self.teacher.encode_prompt(prompts)
+        b = len(embeds)
+        w = None if self.is_lora else torch.full((b,), float(guidance_scale) - 1.0, device=device)
+        x_T = randn_like_diffusers(self.teacher.latent_shape(b, res, res), generator=generator, device=device, dtype=embeds.dtype).float()
+        ts = lcm_timesteps(num_steps, self.teacher.schedule.num_train_timesteps, original_inference_steps=self.cfg.num_ddim_timesteps)
+        was_training = net.training
+        net.eval()
+        try:
+            z0 = multistep_consistency_sample(lambda x, t: self.f(net, x, t, embeds, w), x_T, self.teacher.schedule, ts, generator=generator)
+        finally:
+            net.train(was_training)
+        with _no_autocast(device):
+            images = self.teacher.decode(z0.to(torch.float32))
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def lcm_scheduler(self) -> LCMScheduler:
+        """An ``LCMScheduler`` from the teacher's scheduler config with this run's grid and scaling."""
+        accepted = inspect.signature(LCMScheduler.__init__).parameters
+        base = {k: v for k, v in self.teacher.pipeline().scheduler.config.items() if k in accepted}
+        base.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_scaling=self.cfg.timestep_scaling)
+        return LCMScheduler.from_config(base)
+
+    def export_plan(self, method: str, config: dict[str, Any], steps: int, guidance_scale: float, weights: str,
+                    extra: dict[str, Any] | None = None) -> ExportPlan:
+        """A stock pipeline with the student UNet + LCMScheduler (full), or LoRA weights + the scheduler config."""
+        cfg, pipe = self.cfg, self.teacher.pipeline()
+        info: dict[str, Any] = {
+            "method": method + ("-lora" if self.is_lora else ""),
+            "teacher": self.loaded.name,
+            "teacher_path": os.fspath(Path(self.loaded.path).resolve()),
+            "teacher_pipeline_class": self.teacher.pipeline_class,
+            "pipeline_class": type(pipe).__name__,
+            "prediction_type": self.teacher.prediction_type,
+            "resolution": self.resolution,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": "LCMScheduler",
+            "original_inference_steps": cfg.num_ddim_timesteps,
+            "timestep_scaling": cfg.timestep_scaling,
+            "config": config,
+            **(extra or {}),
+        }
+        scheduler = self.lcm_scheduler()
+        if self.lora is not None:
+            info.update(export="lora", base_model=self.loaded.name, base_model_path=info["teacher_path"],
+                        weight_name="pytorch_lora_weights.safetensors", lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        lora_target_modules=list(cfg.lora_target_modules),
+                        baked_guidance_lcm_form=cfg.lora_guidance if cfg.lora_guidance is not None else [cfg.w_min, cfg.w_max])
+            return ExportPlan(kind="lora", base=pipe, replace={"scheduler": scheduler}, lora_weights=self.lora.state_dict(),
+                              lora_metadata=self.lora.adapter_metadata(), info=info, card=consistency_card)
+        unet = self.sampling_net(weights)
+        info.update(export="pipeline", unet_weights="ema_target" if unet is self.target else "online_student",
+                    ema_decay=cfg.ema_decay, time_cond_proj_dim=cfg.w_embedding_dim, w_range_lcm_form=[cfg.w_min, cfg.w_max],
+                    guidance_scale_range=[cfg.w_min + 1.0, cfg.w_max + 1.0], unet_dtype=str(self.teacher.dtype).replace("torch.", ""))
+        return ExportPlan(kind="pipeline", base=pipe, replace={"unet": unet, "scheduler": scheduler}, info=info,
+                          card=consistency_card, dtype=self.teacher.dtype)
+
+
+def consistency_distillation_loss(
+    nets: ConsistencyStudent,
+    latents: torch.Tensor,
+    embeds: PromptEmbeds,
+    index: torch.Tensor,
+    noise: torch.Tensor,
+    w: torch.Tensor,
+    kind: str = "huber",
+    huber_c: float = 0.001,
+) -> dict[str, torch.Tensor]:
+    """LCD's loss for explicit randomness: grid ``index`` [B], ``noise`` like ``latents``, ``w`` [B] (LCM form).
+
+    Returns ``loss`` and the intermediates ``t_start``, ``t_end``, ``x_start``, ``x_end``, ``pred``, ``target``.
+    """
+    sched, device = nets.teacher.schedule, latents.device
+    # 1. a skip-grid pair t_s = tau_i, t_e = t_s - k, and x_s ~ q(x_s | z0)
+    t_start = nets.ddim_grid.to(device)[index.to(device)]
+    t_end = (t_start - nets.skip).clamp(min=0)
+    x_start = sched.add_noise(latents, noise, t_start)
+    # 2. one guided teacher DDIM step t_s -> t_e (cond and uncond in one batched forward)
+    with torch.no_grad():
+        with nets.adapters_disabled():
+            x0_t, eps_t = nets.teacher.predict(x_start, t_start, embeds, nets.uncond(device), guidance=(w + 1.0).to(device))
+        a_e, s_e = sched.alpha_sigma(t_end)
+        x_end = ddim_step(x0_t.float(), eps_t.float(), a_e.to(device), s_e.to(device))
+    # 3. the student's consistency output at t_s, the target's at t_e (no grad)
+    pred = nets.f(nets.student, x_start, t_start, embeds, w)
+    with torch.no_grad():
+        target = nets.f(nets.target_net(), x_end, t_end, embeds, w)
+    # 4. pseudo-Huber (or L2) distance
+    loss = consistency_loss(pred, target, kind, huber_c)
+    return {"loss": loss, "t_start": t_start, "t_end": t_end, "x_start": x_start, "x_end": x_end, "pred": pred, "target": target}
+
+
+def consistency_setup(method: Method, label: str) -> ConsistencyStudent:
+    """Teacher + student networks of a consistency method from its shared sections (LCD, RG-LCD, SCott)."""
+    cfg = method.config
+    loaded = load_teacher(method.teacher_config, method.default_teacher, ("sd", "sdxl"), label)
+    if method.sample_steps > cfg.num_ddim_timesteps:
+        raise ConfigError(f"sample.steps must be in 1..{cfg.section}.num_ddim_timesteps ({cfg.num_ddim_timesteps}), got {method.sample_steps}")
+    return ConsistencyStudent(loaded, cfg, cfg.section)
+
+
+class ConsistencyMethod(Method):
+    """What LCD, RG-LCD and SCott share around their loss: data, state, sampling, export (no train_step)."""
+
+    nets: ConsistencyStudent
+
+    def is_digits_world(self) -> bool:
+        return self.nets.loaded.digits
+
+    @property
+    def teacher(self):
+        return self.nets.teacher
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {"student": self.nets.trainable()}
+
+    def after_optimizer_step(self, name: str, step: int) -> None:
+        if name == "student":
+            self.nets.update_target(self.config.ema_decay)
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        loaded = self.nets.loaded
+        return build_dataset(self.data_config, resolution=loaded.resolution, teacher=loaded.teacher, teacher_id=str(loaded.path.resolve()))
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.nets.state()
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.nets.load_state(state)
+
+    def guidance_scale(self) -> float:
+        return self.nets.default_guidance_scale(self.sample_config.guidance_scale)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float | None = None) -> torch.Tensor:
+        g = self.guidance_scale() if guidance_scale is None else guidance_scale
+        return self.nets.sample(prompts, num_steps, generator, g, weights=self.export_config.weights)
+
+    def export_extra(self) -> dict[str, Any]:
+        return {}
+
+    def export_plan(self):
+        return self.nets.export_plan(self.name, asdict(self.config), self.sample_steps, self.guidance_scale(),
+                                     self.export_config.weights, self.export_extra())

@@ -1,0 +1,176 @@
+"""Per-group optimizer specs: one optimizer + LR schedule per parameter group.
+
+Every parameter group of a method (``student``, ``lrm``, ``disc``, ``fake_score``, ...) gets its own
+optimizer built from an :class:`OptimizerSpec`. A spec field left ``None`` falls back, in order, to
+the method's default for that group (:meth:`~fastgen.trainers.method.Method.optimizer_specs`, e.g. a
+GAN discriminator's betas) and then to the ``train:`` section's global value (``learning_rate``,
+``adam_beta1`` ...). In a recipe::
+
+    train:
+      learning_rate: 1.0e-4          # every group unless its spec says otherwise
+      optimizers:
+        disc: {optimizer: adam, learning_rate: 2.0e-4, betas: [0.0, 0.99], max_grad_norm: null}
+
+The LR schedule of a group counts **that group's own updates**: a group that steps every third
+iteration (``Method.optimizers_to_step``) warms up over its first ``warmup_steps`` updates, and a
+cosine/linear schedule decays over the updates it will make in ``train.max_steps`` iterations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from fastgen.errors import ConfigError
+
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "ResolvedSpec", "build_optimizer", "lr_lambda", "resolve_spec"]
+
+#: optimizer names a spec may use
+OPTIMIZERS = ("adamw", "adam", "sgd", "prodigy")
+_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+@dataclass
+class OptimizerSpec:
+    """One parameter group's optimizer; ``None`` fields inherit (method default, then ``train:``).
+
+    Attributes:
+        optimizer: ``adamw``, ``adam``, ``sgd`` or ``prodigy`` (needs the ``prodigyopt`` package).
+        learning_rate: base learning rate (Prodigy: its ``lr`` multiplier, usually 1.0).
+        betas: Adam(W)/Prodigy ``(beta1, beta2)``.
+        eps: Adam(W)/Prodigy epsilon.
+        weight_decay: decoupled (AdamW, Prodigy) or L2 (Adam, SGD) weight decay.
+        momentum: SGD momentum.
+        max_grad_norm: clip this group's gradient norm; ``null`` in the resolved spec = no clipping
+            (set ``clip: false`` to turn clipping off for one group when ``train.max_grad_norm`` is set).
+        clip: ``false`` turns clipping off for this group whatever ``max_grad_norm`` says.
+        lr_scheduler: ``constant``, ``constant_with_warmup``, ``cosine`` or ``linear``.
+        warmup_steps: warm-up length in this group's own updates.
+        foreach: use the multi-tensor (foreach) optimizer implementation where torch has one.
+    """
+
+    optimizer: Literal["adamw", "adam", "sgd", "prodigy"] | None = None
+    learning_rate: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    max_grad_norm: float | None = None
+    clip: bool | None = None
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] | None = None
+    warmup_steps: int | None = None
+    foreach: bool | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """An :class:`OptimizerSpec` with every field decided (what :func:`build_optimizer` uses)."""
+
+    optimizer: str
+    learning_rate: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    momentum: float
+    max_grad_norm: float | None
+    lr_scheduler: str
+    warmup_steps: int
+    foreach: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+def _merge(*specs: OptimizerSpec | None) -> OptimizerSpec:
+    """Field-wise first non-None over ``specs`` (earlier wins)."""
+    out = OptimizerSpec()
+    for f in fields(OptimizerSpec):
+        for spec in specs:
+            if spec is not None and getattr(spec, f.name) is not None:
+                out = replace(out, **{f.name: getattr(spec, f.name)})
+                break
+    return out
+
+
+def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: OptimizerSpec | None, train: Any) -> ResolvedSpec:
+    """The spec of ``group``: recipe (``train.optimizers.<group>``), then the method's default, then
+    the ``train:`` globals (``learning_rate`` / ``learning_rates.<group>``, ``adam_beta1/2``,
+    ``adam_epsilon``, ``weight_decay``, ``max_grad_norm``, ``lr_scheduler``, ``warmup_steps``)."""
+    legacy_lr = getattr(train, "learning_rates", {}).get(group)
+    legacy = OptimizerSpec(learning_rate=legacy_lr) if legacy_lr is not None else None
+    merged = _merge(recipe, legacy, method_default)
+    name = merged.optimizer or "adamw"
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizers.{group}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    lr = merged.learning_rate if merged.learning_rate is not None else train.learning_rate
+    betas = tuple(merged.betas) if merged.betas is not None else (train.adam_beta1, train.adam_beta2)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"train.optimizers.{group}.betas must be two numbers in [0, 1), got {list(betas)}")
+    clip_norm = merged.max_grad_norm if merged.max_grad_norm is not None else train.max_grad_norm
+    if merged.clip is False:
+        clip_norm = None
+    sched = merged.lr_scheduler or train.lr_scheduler
+    if sched not in _SCHEDULES:
+        raise ConfigError(f"train.optimizers.{group}.lr_scheduler must be one of {', '.join(_SCHEDULES)}, got {sched!r}")
+    spec = ResolvedSpec(
+        optimizer=name,
+        learning_rate=float(lr),
+        betas=(float(betas[0]), float(betas[1])),
+        eps=float(merged.eps if merged.eps is not None else train.adam_epsilon),
+        weight_decay=float(merged.weight_decay if merged.weight_decay is not None else train.weight_decay),
+        momentum=float(merged.momentum if merged.momentum is not None else 0.0),
+        max_grad_norm=None if clip_norm is None else float(clip_norm),
+        lr_scheduler=sched,
+        warmup_steps=int(merged.warmup_steps if merged.warmup_steps is not None else train.warmup_steps),
+        foreach=merged.foreach,
+    )
+    if not (spec.learning_rate > 0 and math.isfinite(spec.learning_rate)):
+        raise ConfigError(f"the learning rate of optimizer '{group}' must be a positive finite number, got {spec.learning_rate}")
+    if spec.max_grad_norm is not None and not spec.max_grad_norm > 0:
+        raise ConfigError(f"train.optimizers.{group}.max_grad_norm must be > 0 or null, got {spec.max_grad_norm}")
+    if spec.warmup_steps < 0:
+        raise ConfigError(f"train.optimizers.{group}.warmup_steps must be >= 0, got {spec.warmup_steps}")
+    return spec
+
+
+def build_optimizer(params: list[torch.nn.Parameter], spec: ResolvedSpec) -> torch.optim.Optimizer:
+    """The torch optimizer of ``spec`` over ``params``."""
+    common: dict[str, Any] = {"lr": spec.learning_rate, "weight_decay": spec.weight_decay}
+    if spec.foreach is not None and spec.optimizer != "prodigy":
+        common["foreach"] = spec.foreach
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, betas=spec.betas, eps=spec.eps, **common)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, betas=spec.betas, eps=spec.eps, **common)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=spec.momentum, **common)
+    if importlib.util.find_spec("prodigyopt") is None:
+        raise ConfigError(
+            "optimizer 'prodigy' needs the prodigyopt package (`pip install prodigyopt`); or choose adamw/adam/sgd"
+        )
+    from prodigyopt import Prodigy
+
+    return Prodigy(params, betas=spec.betas, eps=spec.eps, **common)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_updates: int):
+    """The LR multiplier as a function of the number of completed updates of the group."""
+
+    def fn(s: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if s < warmup_steps:
+            return min(1.0, (s + 1) / warmup_steps)
+        if kind == "constant_with_warmup":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_updates - warmup_steps))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)  # linear
+
+    return fn
