@@ -22,7 +22,10 @@ from fastgen.errors import ConfigError
 from fastgen.trainers.engine import trainer as tbase
 from fastgen.trainers.engine import checkpoint as ckpt
 from fastgen.trainers.engine import run as trun
-from fastgen.trainers.engine.trainer import NonFiniteLossError, ShardedBatchSampler, lr_lambda
+from fastgen.trainers.engine.optim import lr_lambda
+from fastgen.trainers.engine.trainer import NonFiniteLossError, ShardedBatchSampler
+from fastgen.workflows import train as wf_train
+from toy_method import toy_evaluator
 from fastgen.trainers.engine.ema import EMA, ema_update_
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +41,17 @@ BASE_TRAIN = {
 }
 
 
-def write_recipe(path: Path, output_dir: Path, train: dict | None = None, toy: dict | None = None) -> Path:
-    data = {"method": "toy", "output_dir": str(output_dir), "train": {**BASE_TRAIN, **(train or {})}, "toy": dict(toy or {})}
+def write_recipe(path: Path, output_dir: Path, train: dict | None = None, toy: dict | None = None, method: str = "toy",
+                 **sections: dict) -> Path:
+    section = method.replace("-", "_")
+    data = {"method": method, "output_dir": str(output_dir), "train": {**BASE_TRAIN, **(train or {})}, section: dict(toy or {}), **sections}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def run_inprocess(tmp_path: Path, name: str, train=None, toy=None, resume=None):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, train, toy)
-    trainer, cfg = trun.prepare_run(recipe, [], resume)
+def run_inprocess(tmp_path: Path, name: str, train=None, toy=None, resume=None, method: str = "toy", **sections):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, train, toy, method, **sections)
+    trainer, cfg = trun.prepare_run(recipe, [], resume, evaluator=toy_evaluator)
     trainer.train(resume=resume)
     return trainer
 
@@ -68,7 +73,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def cli(recipe: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fastgen.trainers.engine.run", str(recipe), "--import", "toy_method", *extra]
+    return [sys.executable, "-m", "fastgen.workflows.train", str(recipe), "--import", "toy_method", *extra]
 
 
 # --------------------------------------------------------------------------- 1. resume after SIGKILL
@@ -119,14 +124,15 @@ CRASH_SNIPPET = textwrap.dedent(
     import os, sys
     import toy_method
     from fastgen.trainers.engine import checkpoint as ckpt, run
-    real = ckpt._finish_file
+    real = ckpt.fsync_file
     def dying(path):
         real(path)
         # the checkpoint of step 8 dies right after its first file (the weights) is on disk
         if path.parent.name == ".tmp-checkpoint-000008" and path.name == ckpt.MODEL_FILE:
             os._exit(17)
-    ckpt._finish_file = dying
-    run.main(sys.argv[1:])
+    ckpt.fsync_file = dying
+    trainer, _ = run.prepare_run(sys.argv[1], [], None, evaluator=toy_method.toy_evaluator)
+    trainer.train()
     """
 )
 
@@ -150,7 +156,7 @@ def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path):
     # the previous checkpoint loads and resumes to the same weights as an uninterrupted run
     method, cfg = trun.load_method_from_run(tmp_path / "crash")
     assert cfg.train.max_steps == 12
-    resumed = trun.prepare_run(recipe, [], "latest")[0]
+    resumed = trun.prepare_run(recipe, [], "latest", evaluator=toy_evaluator)[0]
     resumed.train(resume="latest")
     assert not half.exists(), "leftovers of the interrupted save are cleaned up"
     # rows written after the resumed checkpoint were dropped, then written again: no duplicates
@@ -205,12 +211,12 @@ def test_nan_guard_aborts_after_n_in_a_row(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "empty-run", {"max_steps": 3})
     with pytest.raises(ckpt.CheckpointError) as info:
-        trun.train(recipe, resume="latest")
+        wf_train.train(recipe, resume="latest")
     msg = str(info.value)
     assert str(tmp_path / "empty-run") in msg and "without --resume" in msg
     assert not (tmp_path / "empty-run").exists(), "a failed resume writes nothing"
     # same through the command line entry
-    assert trun.main([str(recipe), "--resume", "latest"]) == 2
+    assert wf_train.main([str(recipe), "--import", "toy_method", "--resume", "latest"]) == 2
     assert "no finished checkpoint" in capsys.readouterr().err
 
 
@@ -271,6 +277,83 @@ def test_two_optimizers_alternate(tmp_path):
         run_inprocess(tmp_path, "two-bad", {"max_steps": 1, "learning_rates": {"bdy": 0.05}}, {"two_groups": True})
 
 
+SPEC_TRAIN = {
+    "max_steps": 10,
+    "learning_rate": 0.02,
+    "optimizers": {
+        # every third iteration, SGD with momentum, clipped, linear decay after 2 warm-up updates
+        "body": {"optimizer": "sgd", "momentum": 0.9, "max_grad_norm": 0.05, "lr_scheduler": "linear", "warmup_steps": 2},
+        # every iteration, Adam with GAN-style betas, no clipping, cosine decay
+        "head": {"optimizer": "adam", "betas": [0.5, 0.9], "learning_rate": 0.01, "clip": False, "lr_scheduler": "cosine"},
+    },
+}
+
+
+def test_per_group_optimizer_specs(tmp_path, monkeypatch):
+    toy = {"two_groups": True, "body_every": 3, "record": True}
+    clips: list[tuple[int, float]] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **kw):
+        clips.append((len(list(params)), float(max_norm)))
+        return real_clip(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    trainer = run_inprocess(tmp_path, "spec", {**SPEC_TRAIN, "checkpoint_every": 5}, toy)
+    body, head = trainer.optimizers["body"], trainer.optimizers["head"]
+    assert type(body) is torch.optim.SGD and body.param_groups[0]["momentum"] == 0.9
+    assert type(head) is torch.optim.Adam and head.param_groups[0]["betas"] == (0.5, 0.9)
+    # clipping: only the body group, with its own norm, once per body update (iterations 0, 3, 6, 9)
+    n_body = len(list(trainer.method.body.parameters()))
+    assert clips == [(n_body, 0.05)] * 4
+    # each schedule counts its group's own updates: 4 for body, 10 for head
+    assert trainer.total_updates == {"body": 4, "head": 10}
+    assert trainer.schedulers["body"].last_epoch == 4 and trainer.schedulers["head"].last_epoch == 10
+    assert body.param_groups[0]["lr"] == pytest.approx(0.02 * lr_lambda("linear", 2, 4)(4))
+    assert head.param_groups[0]["lr"] == pytest.approx(0.01 * lr_lambda("cosine", 0, 10)(10))
+    # the body's weights change at its own iterations only
+    hist, n = trainer.method.weight_history, sum(p.numel() for p in trainer.method.body.parameters())
+    changed = [not torch.equal(hist[i + 1][:n], hist[i][:n]) for i in range(9)]
+    assert changed == [i % 3 == 0 for i in range(9)]
+    # exact resume from the checkpoint at 5: optimizer states (momentum, Adam moments) and schedules restored
+    middle = trainer.run_dir / "checkpoints" / "checkpoint-000005"
+    recipe = write_recipe(tmp_path / "spec-resumed.yaml", tmp_path / "spec-resumed", {**SPEC_TRAIN, "checkpoint_every": 5}, toy)
+    resumed = trun.prepare_run(recipe, [], str(middle), evaluator=toy_evaluator)[0]
+    resumed.train(resume=str(middle))
+    assert resumed.schedulers["body"].last_epoch == 4
+    assert max_diff(final_weights(resumed.run_dir), final_weights(trainer.run_dir)) <= 1e-6
+
+
+def test_optimizer_spec_errors(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'body'"):
+        run_inprocess(tmp_path, "bad", {"max_steps": 1, "optimizers": {"bdy": {"learning_rate": 0.1}}}, {"two_groups": True})
+    with pytest.raises(ConfigError, match="betas"):
+        run_inprocess(tmp_path, "bad2", {"max_steps": 1, "optimizers": {"body": {"betas": [0.9, 1.5]}}}, {"two_groups": True})
+    with pytest.raises(ConfigError, match="makes 1 updates"):
+        run_inprocess(tmp_path, "bad3", {"max_steps": 3, "optimizers": {"body": {"lr_scheduler": "cosine", "warmup_steps": 2}}},
+                      {"two_groups": True, "body_every": 3})
+
+
+def test_prompt_only_method_trains_and_resumes_exactly(tmp_path):
+    data = {"source": "prompts", "num_samples": 40}
+    straight = run_inprocess(tmp_path, "prompts", {"max_steps": 6}, {"record": True}, method="toy-prompts", data=data)
+    dataset = straight.method.train_dataset()
+    assert len(dataset) == 40 and set(dataset[0]) == {"caption", "index"}  # prompts only: no image data set
+    first = straight.method.weight_history[0]
+    assert not torch.equal(first, straight.method.flat_weights())  # it trained
+    half = write_recipe(tmp_path / "p-half.yaml", tmp_path / "p-half", {**BASE_TRAIN, "max_steps": 3}, {}, "toy-prompts", data=data)
+    trun.prepare_run(half, [])[0].train()
+    whole = write_recipe(tmp_path / "p-half.yaml", tmp_path / "p-half", {**BASE_TRAIN, "max_steps": 6}, {}, "toy-prompts", data=data)
+    resumed = trun.prepare_run(whole, [], "latest")[0]
+    resumed.train(resume="latest")
+    assert max_diff(final_weights(resumed.run_dir), final_weights(straight.run_dir)) <= 1e-6
+    # the default data source of a prompt-only method is the prompt list (digits captions)
+    cfg, _ = trun.load_run_config("toy-prompts")
+    assert cfg.data.source == "prompts"
+    with pytest.raises(ConfigError, match="trains on prompts"):
+        run_inprocess(tmp_path, "p-digits", {"max_steps": 1}, {}, method="toy-prompts", data={"source": "digits"})
+
+
 # --------------------------------------------------------------------------- 6. DDP
 
 
@@ -317,6 +400,31 @@ def test_ddp_two_processes_average_gradients_over_sharded_data(tmp_path, monkeyp
     assert ckpt.read_latest(cdir) == "checkpoint-000004"
     assert {"rng.pt", "rng-rank1.pt"} <= {p.name for p in (cdir / "checkpoint-000004").iterdir()}
     assert (tmp_path / "ddp" / "samples" / "step-000004.png").is_file()
+
+
+def test_ddp_two_processes_prompt_only_method(tmp_path):
+    train = {"max_steps": 3, "batch_size": 4, "checkpoint_every": 3}
+    toy = {"record": True, "dropout": 0.0, "input_noise": 0.0}  # no per-rank randomness: comparable to one process
+    recipe = write_recipe(tmp_path / "ddp-p.yaml", tmp_path / "ddp-p", train, toy, "toy-prompts",
+                          data={"source": "prompts", "num_samples": 32})
+    out = tmp_path / "ddp-p-out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(TESTS / "ddp_train_script.py"), str(recipe), str(out),
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(str(out / f"weights-rank{i}.safetensors")) for i in (0, 1))
+    seen0, seen1 = (json.loads((out / f"seen-rank{i}.json").read_text()) for i in (0, 1))
+    assert seen0["world_size"] == 2 and max_diff(w0, w1) == 0.0
+    assert all(not set(a) & set(b) for a, b in zip(seen0["seen"], seen1["seen"]))
+    glob = run_inprocess(tmp_path, "p-global", {**train, "batch_size": 8}, toy, method="toy-prompts",
+                         data={"source": "prompts", "num_samples": 32})
+    assert max_diff(w0, glob.method.checkpoint_state_dict()) <= 1e-5
+    assert [sorted(a + b) for a, b in zip(seen0["seen"], seen1["seen"])] == [sorted(x) for x in glob.method.seen]
 
 
 # --------------------------------------------------------------------------- 7. run folder contents

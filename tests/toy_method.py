@@ -4,7 +4,8 @@ A small MLP with dropout regresses a fixed random target from a fixed set of inp
 training step adds input noise, so the global RNG, the data order and the dropout masks all matter
 for exact resume. Options make it misbehave on purpose (NaN losses at chosen steps), slow it down
 (``step_sleep``, so a test can kill it between checkpoints), record what it saw, or split it into
-two alternating optimizer groups.
+two alternating optimizer groups. ``toy-prompts`` is the same model on prompt-only data (no image
+data set: ``data.source: prompts``), the shape of a data-free method.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgen.data.sources import build_dataset
 from fastgen.trainers.engine.ema import EMA
+from fastgen.trainers.engine.optim import OptimizerSpec
 from fastgen.trainers.method import Method, StepOutput, register_method
 
 
@@ -34,8 +37,9 @@ class ToyConfig:
     ema_decay: float = 0.9
     #: record weights before each step and the dataset indices seen (in memory)
     record: bool = False
-    #: two optimizers: "body" steps at even iterations only, "head" at every iteration
+    #: two optimizers: "body" steps every ``body_every``-th iteration only, "head" at every iteration
     two_groups: bool = False
+    body_every: int = 2
     image_size: int = 8
 
 
@@ -54,10 +58,9 @@ class ToyDataset(torch.utils.data.Dataset):
 class ToyMethod(Method):
     name = "toy"
     config_class = ToyConfig
-    default_sample_prompts = ["zero", "one", "two", "three"]
 
-    def __init__(self, config: ToyConfig):
-        super().__init__(config)
+    def __init__(self, config: ToyConfig, **shared):
+        super().__init__(config, **shared)
         c = config
         self.body = torch.nn.Sequential(torch.nn.Linear(c.dim_in, c.hidden), torch.nn.Tanh(), torch.nn.Dropout(c.dropout))
         self.head = torch.nn.Linear(c.hidden, c.dim_out)
@@ -83,7 +86,7 @@ class ToyMethod(Method):
 
     def optimizers_to_step(self, step: int) -> list[str]:
         if self.config.two_groups:
-            return ["body", "head"] if step % 2 == 0 else ["head"]
+            return ["body", "head"] if step % self.config.body_every == 0 else ["head"]
         return ["model"]
 
     def train_step(self, batch, step: int) -> StepOutput:
@@ -131,6 +134,49 @@ class ToyMethod(Method):
         pattern = torch.randn(n, 1, s, s, generator=generator, device=generator.device)
         return torch.sigmoid(out[:, :, None, None] * pattern * num_steps)
 
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        return {"eval_mse": float(torch.nn.functional.mse_loss(self(self.data_x), self.data_y))}
+    def evaluation_plan(self):
+        return {"world": "toy"}
+
+
+@torch.no_grad()
+def toy_evaluator(method, step: int) -> dict:
+    """The tests' evaluator (the trainer takes its evaluator from outside)."""
+    return {"eval_mse": float(torch.nn.functional.mse_loss(method(method.data_x), method.data_y))}
+
+
+def prompt_features(prompts: list[str], dim: int) -> torch.Tensor:
+    """A fixed featurisation of prompt text: letter counts folded into ``dim`` bins, normalised."""
+    out = torch.zeros(len(prompts), dim)
+    for i, p in enumerate(prompts):
+        for ch in p:
+            out[i, ord(ch) % dim] += 1.0
+    return out / out.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+@register_method
+class ToyPromptMethod(ToyMethod):
+    """The toy model trained on prompts only: input = features of the prompt text, target = a fixed map of it."""
+
+    name = "toy-prompts"
+    config_class = ToyConfig
+    default_data_source = "prompts"
+
+    def __init__(self, config: ToyConfig, **shared):
+        super().__init__(config, **shared)
+        g = torch.Generator().manual_seed(config.data_seed + 1)
+        self.register_buffer("target_map", torch.randn(config.dim_in, config.dim_out, generator=g), persistent=False)
+
+    def train_dataset(self):
+        return build_dataset(self.data_config, resolution=0, accepts=("prompts",))
+
+    def train_step(self, batch, step: int) -> StepOutput:
+        c = self.config
+        prompts = list(batch["caption"])
+        if c.record:
+            self.weight_history.append(self.flat_weights())
+            self.seen.append([int(i) for i in batch["index"]])
+        x = prompt_features(prompts, c.dim_in).to(self.target_map.device)
+        y = torch.tanh(x @ self.target_map)
+        x = x + c.input_noise * torch.randn_like(x)
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        return StepOutput(losses={"model": loss}, logs={"mse": float(loss.detach())})
