@@ -7,6 +7,7 @@ Independent references: diffusers' own ``get_guidance_scale_embedding`` and ``LC
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,14 @@ from fastgen.config import config_from_dict
 from fastgen.diffusion import consistency_output, ddim_step, lcm_timesteps, to_x0_eps
 from fastgen.errors import ConfigError, ModelLoadError, ResolutionError
 from fastgen.models import Teacher
-from fastgen.trainers.lcd import LCD, LCDConfig, guidance_embedding, lcd_loss
+from fastgen.evaluation.training import TrainingEvaluator
+from fastgen.losses import consistency_loss as lcd_loss
+from fastgen.models.denoisers import guidance_embedding
+from fastgen.models.teacher import PromptEmbeds
+from fastgen.trainers.consistency import ConsistencyStudent, consistency_distillation_loss, drop_captions
+from fastgen.trainers.lcd import LCD, LCDConfig
 from fastgen.trainers.method import METHODS, get_method
-from tiny_models import make_tiny_sd, make_tiny_sdxl
+from tiny_models import build_method, make_tiny_sd, make_tiny_sdxl
 
 PROMPTS = [
     "a photo of a cat",
@@ -57,11 +63,11 @@ def folders(tmp_path_factory):
 
 
 def make(folders, name: str = "sd", **kw) -> LCD:
-    return LCD(LCDConfig(teacher=str(folders(name)), **kw))
+    return build_method(LCD, teacher=str(folders(name)), **kw)
 
 
 def pixel_batch(method: LCD, n: int = 2) -> dict:
-    r = method.resolution
+    r = method.nets.resolution
     return {"pixels": torch.rand(n, 3, r, r) * 2 - 1, "caption": PROMPTS[:n]}
 
 
@@ -113,25 +119,26 @@ def test_config_validation():
 def test_full_student_starts_as_teacher(folders):
     m = make(folders, "sd")
     teacher = m.teacher
-    proj = m.student.time_embedding.cond_proj
+    proj = m.nets.student.time_embedding.cond_proj
     assert proj.weight.shape == (proj.weight.shape[0], 256) and torch.count_nonzero(proj.weight) == 0
-    assert m.student is not teacher.net and m.target is not m.student
-    assert m.student.config.time_cond_proj_dim == 256 and teacher.net.config.time_cond_proj_dim is None
+    assert m.nets.student is not teacher.net and m.nets.target is not m.nets.student
+    assert m.nets.student.config.time_cond_proj_dim == 256 and teacher.net.config.time_cond_proj_dim is None
     x = torch.randn(3, 4, 8, 8)
     t = torch.tensor([10, 500, 999])
     cond = teacher.encode_prompt(PROMPTS[:3])
     w_emb = guidance_embedding(torch.tensor([2.0, 7.0, 13.0]), 256)
     with torch.no_grad():
         ref = teacher.forward(x, t, cond)
-        for net in (m.student, m.target):
-            assert torch.equal(m.unet_forward(net, x, t, cond, w_emb), ref)
+        for net in (m.nets.student, m.nets.target):
+            with_w = PromptEmbeds(hidden=cond.hidden, extra={"timestep_cond": w_emb})
+            assert torch.equal(m.teacher.forward(x, t, with_w, net=net), ref)
 
 
 def test_train_step_one_batched_teacher_forward_and_cfg_convention(folders):
     m = make(folders, "sd")
     teacher_calls = CallLog(m.teacher.net)
-    student_calls = CallLog(m.student)
-    target_calls = CallLog(m.target)
+    student_calls = CallLog(m.nets.student)
+    target_calls = CallLog(m.nets.target)
     try:
         out = m.train_step(pixel_batch(m, 3), step=0)
     finally:
@@ -142,8 +149,8 @@ def test_train_step_one_batched_teacher_forward_and_cfg_convention(folders):
     assert teacher_calls.sizes == [6], "teacher must run cond+uncond as ONE batched forward"
     assert student_calls.sizes == [3] and target_calls.sizes == [3]
     loss.backward()
-    assert m.student.time_embedding.cond_proj.weight.grad is not None
-    assert all(p.grad is None for p in m.target.parameters())
+    assert m.nets.student.time_embedding.cond_proj.weight.grad is not None
+    assert all(p.grad is None for p in m.nets.target.parameters())
     assert all(p.grad is None for p in m.teacher.parameters())
 
     # explicit randomness: skip grid ends, LCM-form CFG (x_c + w (x_c - x_u)) and the DDIM step
@@ -151,7 +158,7 @@ def test_train_step_one_batched_teacher_forward_and_cfg_convention(folders):
     noise = torch.randn(2, 4, 8, 8)
     w = torch.tensor([5.0, 9.0])
     cond = m.teacher.encode_prompt(PROMPTS[:2])
-    res = m.compute_loss(z0, cond, torch.tensor([0, 49]), noise, w)
+    res = consistency_distillation_loss(m.nets, z0, cond, torch.tensor([0, 49]), noise, w)
     assert res["t_start"].tolist() == [19, 999] and res["t_end"].tolist() == [0, 979]
     sched = m.teacher.schedule
     with torch.no_grad():
@@ -184,7 +191,7 @@ def test_consistency_function_matches_lcm_scheduler_eps_and_v(folders):
                 out = m.teacher.forward(x, t, cond)  # raw eps or v
                 ref = sched.step(out, t, x, generator=torch.Generator().manual_seed(0)).denoised
                 tb = torch.full((2,), int(t))
-                f = m.consistency_fn(m.student, x, tb, cond, torch.tensor([3.0, 3.0]))
+                f = m.nets.f(m.nets.student, x, tb, cond, torch.tensor([3.0, 3.0]))
                 torch.testing.assert_close(f, ref, atol=2e-5, rtol=1e-4)
                 if kind == "v_prediction":  # x0 = alpha x - sigma v, by hand
                     a, s = m.teacher.schedule.alpha_sigma(tb)
@@ -198,7 +205,7 @@ def test_consistency_function_matches_lcm_scheduler_eps_and_v(folders):
 def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch(folders):
     m = make(folders, "sd", loss="l2")
     batch = pixel_batch(m, 4)
-    latents, cond = m.encode_batch(batch)
+    latents, cond = m.nets.encode_batch(batch)
     gen = torch.Generator().manual_seed(1)
     index = torch.randint(0, 50, (4,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
@@ -206,12 +213,12 @@ def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch(folders):
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return float(m.compute_loss(latents, cond, index, noise, w)["loss"])
+            return float(consistency_distillation_loss(m.nets, latents, cond, index, noise, w)["loss"])
 
     opt = torch.optim.AdamW(m.parameter_groups()["student"], lr=1e-3, weight_decay=0.0)
     before = fixed_loss()
     for step in range(30):
-        loss = m.compute_loss(latents, cond, index, noise, w)["loss"]
+        loss = consistency_distillation_loss(m.nets, latents, cond, index, noise, w)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -222,8 +229,8 @@ def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch(folders):
 
 def test_ema_target_update_and_checkpoint_roundtrip(folders):
     m = make(folders, "sd", ema_decay=0.9)
-    p_s = m.student.conv_in.weight
-    p_t = m.target.conv_in.weight
+    p_s = m.nets.student.conv_in.weight
+    p_t = m.nets.target.conv_in.weight
     with torch.no_grad():
         p_s.add_(1.0)
     old_t = p_t.detach().clone()
@@ -234,7 +241,7 @@ def test_ema_target_update_and_checkpoint_roundtrip(folders):
     assert any(k.startswith("student.") for k in state) and any(k.startswith("target.") for k in state)
     fresh = make(folders, "sd", ema_decay=0.9)
     fresh.load_checkpoint_state_dict(state)
-    assert torch.equal(fresh.student.conv_in.weight, p_s) and torch.equal(fresh.target.conv_in.weight, p_t)
+    assert torch.equal(fresh.nets.student.conv_in.weight, p_s) and torch.equal(fresh.nets.target.conv_in.weight, p_t)
 
     with pytest.raises(ModelLoadError, match="lora"):
         make(folders, "sd", lora=True, lora_rank=2, lora_target_modules=SMALL_LORA).load_checkpoint_state_dict(state)
@@ -259,7 +266,7 @@ def test_sdxl_train_step(folders):
     loss = out.losses["student"]
     assert torch.isfinite(loss)
     loss.backward()
-    assert m.student.add_embedding.linear_1.weight.grad is not None
+    assert m.nets.student.add_embedding.linear_1.weight.grad is not None
     img = m.sample(PROMPTS[:1], 2, torch.Generator().manual_seed(0))
     assert img.shape == (1, 3, 16, 16) and bool(torch.isfinite(img).all())
 
@@ -277,12 +284,12 @@ def test_lora_one_unet_teacher_is_adapters_disabled(folders):
 
     m = make(folders, "sd", lora=True, lora_rank=4, lora_alpha=8, lora_target_modules=SMALL_LORA)
     unets = {id(mod) for mod in m.modules() if isinstance(mod, UNet2DConditionModel)}
-    assert unets == {id(m.teacher.net)} and m.student is m.teacher.net and m.target is None
+    assert unets == {id(m.teacher.net)} and m.nets.student is m.teacher.net and m.nets.target is None
     group = m.parameter_groups()["student"]
     trainable = [p for p in m.parameters() if p.requires_grad]
     assert len(group) == len(trainable) > 0 and all(p.dtype == torch.float32 for p in group)
     with torch.no_grad():
-        for n, p in m.student.named_parameters():
+        for n, p in m.nets.student.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
 
@@ -291,14 +298,14 @@ def test_lora_one_unet_teacher_is_adapters_disabled(folders):
     cond = fresh.encode_prompt(PROMPTS[:2])
     with torch.no_grad():
         ref = fresh.forward(x, t, cond)
-        with m.adapters_disabled():
+        with m.nets.adapters_disabled():
             off = m.teacher.forward(x, t, cond)
         on = m.teacher.forward(x, t, cond)
     torch.testing.assert_close(off, ref, atol=1e-6, rtol=0)
     assert (on - ref).abs().max() > 1e-3
     assert all(p.requires_grad for p in group)
 
-    calls = CallLog(m.student)
+    calls = CallLog(m.nets.student)
     try:
         out = m.train_step(pixel_batch(m, 2), step=0)
     finally:
@@ -306,12 +313,12 @@ def test_lora_one_unet_teacher_is_adapters_disabled(folders):
     assert calls.sizes == [4, 2, 2]  # teacher (batched cond+uncond, adapters off), student, target
     out.losses["student"].backward()
     assert all(p.grad is not None for p in group)
-    assert all(p.grad is None for n, p in m.student.named_parameters() if "lora_" not in n)
+    assert all(p.grad is None for n, p in m.nets.student.named_parameters() if "lora_" not in n)
 
     # gradient checkpointing (train mode) keeps the gradients flowing to the adapters only
     ckpt_m = make(folders, "sd", lora=True, lora_rank=2, lora_target_modules=SMALL_LORA, gradient_checkpointing=True)
     ckpt_m.train()
-    assert ckpt_m.student.training and not ckpt_m.teacher.vae.training
+    assert ckpt_m.nets.student.training and not ckpt_m.teacher.vae.training
     ckpt_m.train_step(pixel_batch(ckpt_m, 2), 0).losses["student"].backward()
     assert all(p.grad is not None for p in ckpt_m.parameter_groups()["student"])
 
@@ -319,18 +326,19 @@ def test_lora_one_unet_teacher_is_adapters_disabled(folders):
     assert state and all(k.startswith("lora.") for k in state)
     other = make(folders, "sd", lora=True, lora_rank=4, lora_alpha=8, lora_target_modules=SMALL_LORA)
     other.load_checkpoint_state_dict(state)
-    for (n, a), (_, b) in zip(m.student.named_parameters(), other.student.named_parameters()):
+    for (n, a), (_, b) in zip(m.nets.student.named_parameters(), other.nets.student.named_parameters()):
         if "lora_" in n:
             assert torch.equal(a, b)
 
 
 def test_lora_fixed_guidance_is_used():
-    m = LCD.__new__(LCD)  # only the guidance sampler; no networks needed
+    m = ConsistencyStudent.__new__(ConsistencyStudent)  # only the guidance sampler; no networks needed
     torch.nn.Module.__init__(m)
-    m.config = LCDConfig(lora=True, lora_guidance=6.5)
-    assert m.sample_guidance(3, torch.device("cpu")).tolist() == [6.5, 6.5, 6.5]
-    m.config = LCDConfig(lora=True, w_min=2.0, w_max=4.0)
-    w = m.sample_guidance(100, torch.device("cpu"))
+    m.lora = object()
+    m.cfg = LCDConfig(lora=True, lora_guidance=6.5)
+    assert m.guidance(3, torch.device("cpu")).tolist() == [6.5, 6.5, 6.5]
+    m.cfg = LCDConfig(lora=True, w_min=2.0, w_max=4.0)
+    w = m.guidance(100, torch.device("cpu"))
     assert bool(((w >= 2.0) & (w <= 4.0)).all()) and w.std() > 0
 
 
@@ -354,8 +362,8 @@ def test_digits_dataset_feeds_train_step(folders):
     assert torch.isfinite(m.train_step(batch, 0).losses["student"])
     # caption dropout replaces rows by the empty-prompt embedding
     cond = m.teacher.encode_prompt(PROMPTS[:2])
-    dropped = m._drop_captions(cond, torch.tensor([True, False]))
-    assert torch.equal(dropped.hidden[0], m.uncond(torch.device("cpu")).hidden[0])
+    dropped = drop_captions(cond, m.nets.uncond(torch.device("cpu")), torch.tensor([True, False]))
+    assert torch.equal(dropped.hidden[0], m.nets.uncond(torch.device("cpu")).hidden[0])
     assert torch.equal(dropped.hidden[1], cond.hidden[1])
 
 
@@ -397,13 +405,13 @@ def test_bad_datasets_are_data_errors_and_shards_go_through_the_cache(folders, t
         m.train_dataset()
     items = [(Image.new("RGB", (16, 16), (60 * i, 20, 90)), PROMPTS[i]) for i in range(3)]
     write_shards(items, tmp_path / "shards", per_shard=2)
-    with pytest.raises(DataError, match="use_latent_cache"):
+    with pytest.raises(DataError, match="latent_cache"):
         make(folders, "sd", dataset=str(tmp_path / "shards")).train_dataset()
     cached = make(folders, "sd", dataset=str(tmp_path / "shards"), use_latent_cache=True, cache_dir=str(tmp_path / "c"))
     ds = cached.train_dataset()
     assert len(ds) == 3 and ds[0]["latents"].shape == (4, 8, 8)
-    assert cached.evaluate(0) == {}  # digits metrics only for the shipped digits teacher
-    assert cached.default_sample_prompts == cached.config.sample_prompts
+    assert cached.evaluation_plan() is None and TrainingEvaluator()(cached, 0) == {}  # digits metrics: digits teacher only
+    assert cached.sample_settings()[0] == cached.sample_config.prompts
 
 
 # --------------------------------------------------------------------------- recipes
@@ -416,12 +424,12 @@ def test_recipes_parse(name):
     assert set(recipe["train"]) <= TRAIN_KEYS, set(recipe["train"]) - TRAIN_KEYS
     cfg = config_from_dict(LCDConfig, recipe["lcd"])
     assert cfg.lora == ("lora" in name)
-    try:
-        from fastgen.trainers.engine.run import load_run_config
-    except ImportError:  # the trainer is optional for this check
-        return
-    run_cfg, method_cls = load_run_config(str(RECIPES / f"{name}.yaml"))
-    assert method_cls is LCD and run_cfg.lcd == cfg
+    from fastgen.trainers.engine.run import load_run_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shipped recipes use the current layout: no key migration
+        run_cfg, method_cls = load_run_config(str(RECIPES / f"{name}.yaml"))
+    assert method_cls is LCD and run_cfg.lcd == cfg and run_cfg.teacher.path
 
 
 def test_evaluate_scores_digits_samples(folders, monkeypatch):
@@ -441,7 +449,7 @@ def test_evaluate_scores_digits_samples(folders, monkeypatch):
     m = make(folders, "sd", eval_samples=20, sample_steps=2)
     monkeypatch.setattr(LCD, "is_digits_world", lambda self: True)
     monkeypatch.setattr(paths, "load_classifier", lambda root=None: FakeClassifier())
-    scores = m.evaluate(0)
+    scores = TrainingEvaluator()(m, 0)
     assert scores["samples"] == 20 and scores["eval_steps"] == 2
     assert {"digit_accuracy", "colour_accuracy", "digits_fid", "digits_fid_floor"} <= set(scores)
     assert all(isinstance(v, (int, float)) for v in scores.values())

@@ -11,7 +11,9 @@ from fastgen.config import config_from_dict
 from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.trainers.method import get_method
 from fastgen.trainers.rg_lcd import RGLCD, RGLCDConfig
-from tiny_models import make_tiny_sd
+from fastgen.trainers.engine.trainer import TrainConfig, Trainer
+from fastgen.workflows.export import export_method
+from tiny_models import build_method, make_tiny_sd
 
 RECIPES = Path(__file__).resolve().parents[1] / "fastgen" / "recipes"
 PROMPTS = ["a red handwritten digit seven", "a blue handwritten digit three", "the digit zero written in green",
@@ -27,11 +29,11 @@ def teacher(tmp_path_factory):
 
 def make(teacher, **kw) -> RGLCD:
     kw.setdefault("mode", "direct")
-    return RGLCD(RGLCDConfig(teacher=str(teacher), w_min=1.0, w_max=4.0, **kw))
+    return build_method(RGLCD, teacher=str(teacher), w_min=1.0, w_max=4.0, **kw)
 
 
 def batch(m, n=4):
-    r = m.resolution
+    r = m.nets.resolution
     return {"pixels": torch.rand(n, 3, r, r, generator=torch.Generator().manual_seed(3)) * 2 - 1, "caption": PROMPTS[:n]}
 
 
@@ -92,7 +94,7 @@ def test_export_records_the_reward(teacher, tmp_path):
     import json
 
     m = make(teacher, reward_scale=0.5)
-    m.export(tmp_path / "out")
+    export_method(m, tmp_path / "out")
     info = json.loads((tmp_path / "out" / "fastgen_export.json").read_text())
     assert info["method"] == "rg-lcd-direct" and info["reward"]["reward"] == "digits" and info["reward_scale"] == 0.5
     assert (tmp_path / "out" / "model_index.json").is_file()
@@ -107,7 +109,7 @@ def _tiny_lrm(teacher, folder, size=None, channels=4):
     from fastgen.rewards.latent_proxy import LatentRewardModel, LRMConfig
 
     m = make(teacher)
-    size = size or m.resolution // m.teacher.vae_scale_factor
+    size = size or m.nets.resolution // m.teacher.vae_scale_factor
     tok = CLIPTokenizer.from_pretrained(str(Path(teacher) / "tokenizer"))
     cfg = LRMConfig(latent_channels=channels, latent_size=size, width=16, depth=1, embed_dim=16, text_width=16,
                     text_layers=1, text_heads=2, text_max_length=16)
@@ -166,3 +168,47 @@ def test_lrm_that_does_not_match_the_teachers_latents_is_refused(teacher, tmp_pa
 def test_missing_lrm_outside_the_digits_world_is_an_error(teacher, tmp_path):
     with pytest.raises(ModelLoadError, match="lrm pretrain"):
         make(teacher, mode="lrm", lrm_path=str(tmp_path / "none"))
+
+
+def test_caption_dropout_is_applied(teacher):
+    """rg_lcd.caption_dropout trains rows on the empty prompt (the student's and target's conditioning),
+    while the reward still reads the real prompt."""
+    seen = []
+    m = make(teacher, caption_dropout=1.0)
+    real_f = m.nets.f
+
+    def recording_f(net, x, t, embeds, w):
+        seen.append(embeds.hidden.detach().clone())
+        return real_f(net, x, t, embeds, w)
+
+    m.nets.f = recording_f
+    b = batch(m, 2)
+    _step(m, b)
+    empty = m.nets.uncond(torch.device("cpu")).hidden[0]
+    assert seen and all(torch.equal(h[i], empty) for h in seen for i in range(2))
+    seen.clear()
+    plain = make(teacher, caption_dropout=0.0)
+    real_plain = plain.nets.f
+    plain.nets.f = lambda net, x, t, embeds, w: (seen.append(embeds.hidden.detach().clone()), real_plain(net, x, t, embeds, w))[1]
+    _step(plain, b)
+    assert not torch.equal(seen[0][0], empty)
+
+
+def test_trainer_backward_keeps_each_loss_in_its_own_group(teacher, lrm_folder, tmp_path):
+    """Through the trainer's backward: the reward term never leaves a gradient on the LRM, the alignment
+    loss never on the student (each group's .grad equals the gradient of its own loss alone)."""
+    m = make(teacher, mode="lrm", lrm_path=str(lrm_folder), reward_scale=1.0, lrm_batch_size=3)
+    trainer = Trainer(m, TrainConfig(max_steps=1, batch_size=4, log_with="none", progress=False), tmp_path / "run")
+    out = _step(m, batch(m))
+    groups = trainer.groups
+    expect_stu = torch.autograd.grad(out.losses["student"], groups["student"], allow_unused=True, retain_graph=True)
+    expect_lrm = torch.autograd.grad(out.losses["lrm"], groups["lrm"], allow_unused=True, retain_graph=True)
+    # the student's loss does depend on the LRM (through the reward): only the trainer's routing keeps it out
+    leak = torch.autograd.grad(out.losses["student"], groups["lrm"], allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in leak)
+    trainer._backward(out.losses, ["student", "lrm"], 1.0)
+    for p, g in zip(groups["student"], expect_stu):
+        assert (p.grad is None and g is None) or torch.allclose(p.grad, g, atol=1e-7)
+    for p, g in zip(groups["lrm"], expect_lrm):
+        assert (p.grad is None and g is None) or torch.allclose(p.grad, g, atol=1e-7)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["lrm"])

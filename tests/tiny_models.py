@@ -457,3 +457,20 @@ def pattern_card(width: int, height: int, checker: int = 16):
 def random_images(n: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
     """``n`` seeded uniform images ``[n, 3, height, width]`` in [0, 1]."""
     return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def build_method(method_cls, **options):
+    """A method built through the run-config path from flat options: the method's own fields and the
+    shared sections' fields under their old flat names (``teacher``, ``resolution``, ``dataset``,
+    ``sample_steps`` ...), as :func:`fastgen.trainers.engine.run.migrate_recipe` maps them."""
+    import warnings
+
+    from fastgen.config import load_config
+    from fastgen.trainers.engine.run import build_method as build, method_section, migrate_recipe, run_config_class
+
+    section = method_section(method_cls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        data = migrate_recipe({section: dict(options)}, method_cls)
+    cfg = load_config(run_config_class(method_cls), None, base=data)
+    return build(cfg, method_cls)

@@ -369,9 +369,12 @@ class ConsistencyMethod(Method):
         g = self.guidance_scale() if guidance_scale is None else guidance_scale
         return self.nets.sample(prompts, num_steps, generator, g, weights=self.export_config.weights)
 
+    def export_name(self) -> str:
+        return self.name
+
     def export_extra(self) -> dict[str, Any]:
         return {}
 
     def export_plan(self):
-        return self.nets.export_plan(self.name, asdict(self.config), self.sample_steps, self.guidance_scale(),
+        return self.nets.export_plan(self.export_name(), asdict(self.config), self.sample_steps, self.guidance_scale(),
                                      self.export_config.weights, self.export_extra())

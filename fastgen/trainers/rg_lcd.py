@@ -182,6 +182,9 @@ class RGLCD(ConsistencyMethod):
                 raise ModelLoadError("this checkpoint has no latent reward model (rg_lcd.mode=direct run?); resume it with rg_lcd.mode=direct")
             self.lrm.load_state_dict(lrm_state, strict=True)
 
+    def export_name(self) -> str:
+        return f"rg-lcd-{self.config.mode}"
+
     def export_extra(self) -> dict[str, Any]:
         cfg = self.config
         extra = {"method_title": "Reward-guided Latent Consistency Distillation", "reward": self.reward_model.describe(),
