@@ -29,8 +29,10 @@ from fastgen.attention.flux import (
     grid_from_img_ids,
 )
 from fastgen.errors import ConfigError
-from fastgen.trainers.clear import Clear, ClearConfig, aligned_processor_names, digits_data_prompts, is_trainable_name
-from tiny_models import make_tiny_flux
+from fastgen.data.digits import balanced_captions as digits_data_prompts
+from fastgen.trainers.clear import Clear, ClearConfig, aligned_processor_names, is_trainable_name
+from fastgen.workflows.export import export_method
+from tiny_models import build_method, make_tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "fastgen" / "recipes"
@@ -104,7 +106,7 @@ def make_method(folder, tmp_path, **kw) -> Clear:
         data_steps=2, data_batch_size=2, cache_dir=str(tmp_path / "cache"), sample_steps=3, eval_samples=0,
     )
     base.update(kw)
-    return Clear(ClearConfig(**base))
+    return build_method(Clear, **base)
 
 
 # --------------------------------------------------------------------------- processor
@@ -322,7 +324,8 @@ def test_student_matches_teacher_conventions_and_loss_parts(flux_folder, tmp_pat
     e = m.encode(PROMPTS)
     with torch.no_grad():
         # the student forward uses the teacher's conventions: run it on the teacher network
-        assert torch.equal(m.velocity(m.teacher.net, x, sigma, e), m.teacher.forward(x, sigma, e))
+        student_way = m.teacher.forward(x, sigma, e, guidance_embed=m.guidance, net=m.teacher.net)
+        assert torch.equal(student_way, m.teacher.forward(x, sigma, e))
     out = m.compute_loss(x, e, sigma, noise)
     x_t = (1 - sigma.view(-1, 1, 1, 1)) * x + sigma.view(-1, 1, 1, 1) * noise
     assert torch.allclose(out["x_t"], x_t)
@@ -331,9 +334,10 @@ def test_student_matches_teacher_conventions_and_loss_parts(flux_folder, tmp_pat
     assert torch.allclose(out["fm"], fm) and torch.allclose(out["kd"], kd)
     assert out["attn"] > 0 and torch.allclose(out["loss"], fm + 0.5 * kd + 0.5 * out["attn"])
     # nothing stays recorded after the step
-    assert all(p.last_output is None and not p.record for p in m._aligned_processors())
+    procs = [net.attn_processors[n] for net in (m.student, m.teacher.net) for n in m.aligned]
+    assert procs and all(p.last_output is None and not p.record for p in procs)
     # the scheduler's (static, shift 1) sigmas are U(0, 1]
-    s = m.sample_sigma(4000)
+    s = m.teacher.schedule.training_sigma(1.0 - torch.rand(4000))
     assert 0.0 < float(s.min()) and float(s.max()) <= 1.0 and abs(float(s.mean()) - 0.5) < 0.03
 
 
@@ -359,14 +363,14 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(flux_folder, tmp_path, fm_
 
 def test_teacher_data_cache_is_built_once_and_reused(flux_folder, tmp_path):
     m = make_method(flux_folder, tmp_path, data_prompts=None)
-    with pytest.raises(ConfigError, match="data_prompts"):
+    with pytest.raises(ConfigError, match="data.prompts"):
         m.train_dataset()
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     m = make_method(flux_folder, tmp_path, data_prompts=str(prompt_file), data_samples=3)
     ds = m.train_dataset()
     assert len(ds) == 3 and ds[0]["latents"].shape == (4, 8, 8) and ds[2]["caption"] == PROMPTS[0]
-    folder = m.data_cache_dir()
+    (folder,) = [p.parent for p in (tmp_path / "cache").glob("*/prompts.json")]
     assert (folder / "latents.safetensors").is_file() and json.loads((folder / "prompts.json").read_text())["steps"] == 2
     # the cached latents are the teacher pipeline's own outputs (batch i seeded seed + i)
     from fastgen.models.teacher import pack_latents
@@ -377,8 +381,14 @@ def test_teacher_data_cache_is_built_once_and_reused(flux_folder, tmp_path):
     assert torch.allclose(pack_latents(ds.latents[:2]), tokens, atol=1e-6)
     # a second method with the same settings reads the cache instead of sampling
     again = make_method(flux_folder, tmp_path, data_prompts=str(prompt_file), data_samples=3)
-    again.generate_latents = lambda prompts: (_ for _ in ()).throw(AssertionError("regenerated"))
-    assert torch.equal(again.train_dataset().latents, ds.latents)
+    import fastgen.trainers.clear as clear_module
+
+    real = clear_module.generate_with_pipeline
+    clear_module.generate_with_pipeline = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))
+    try:
+        assert torch.equal(again.train_dataset().latents, ds.latents)
+    finally:
+        clear_module.generate_with_pipeline = real
     # train_step runs on a collated batch
     batch = torch.utils.data.default_collate([ds[0], ds[1]])
     step = again.train_step(batch, 0)
@@ -416,8 +426,6 @@ print(json.dumps({
 
 
 def test_export_round_trip_in_a_fresh_process(flux_folder, tmp_path):
-    from fastgen.pipelines import export_method
-
     m = make_method(flux_folder, tmp_path, down_factor=2, data_guidance=3.0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a trained-looking student that differs from the teacher
@@ -469,7 +477,7 @@ def test_digits_dit_defaults():
     except Exception:
         pytest.skip("digits DiT artefact not built")
     with pytest.warns(UserWarning, match="align_every=4 selects no single-stream block"):
-        m = Clear(ClearConfig(eval_samples=0))
+        m = build_method(Clear, eval_samples=0)
     assert m.is_digits_world() and m.grid == (16, 16) and m.max_sequence_length == 16 and m.resolution == 64
     assert m.guidance_mode == "true_cfg" and m.guidance == 4.0
     kw = m.pipeline_kwargs(3)
@@ -477,7 +485,7 @@ def test_digits_dit_defaults():
     info = m.attention_info()
     assert info["window_tokens"] == 45 and info["window_fraction"] == round(45 / 256, 6) and 45 / 256 <= 0.25
     # 2 double + 2 single blocks: with align_every=4 no single block has an index divisible by 4
-    assert m.aligned == [] and aligned_processor_names(m.processor_names, 2) == ["single_transformer_blocks.0.attn.processor"]
+    assert m.aligned == [] and aligned_processor_names(list(m.student.attn_processors), 2) == ["single_transformer_blocks.0.attn.processor"]
 
 
 @pytest.mark.parametrize("name", ["clear-digits", "clear-flux-dev"])
@@ -491,6 +499,31 @@ def test_recipes_parse(name):
     run_cfg, method_cls = load_run_config(str(RECIPES / f"{name}.yaml"))
     assert method_cls is Clear and run_cfg.clear == cfg
     if name == "clear-flux-dev":
-        assert cfg.radius == 16 and cfg.resolution == 1024 and cfg.data_samples == 10000 and cfg.backend == "flex"
+        assert cfg.radius == 16 and run_cfg.teacher.resolution == 1024 and run_cfg.data.num_samples == 10000
+        assert cfg.backend == "flex" and run_cfg.data.source == "teacher-samples"
         assert run_cfg.train.max_steps == 10000 and run_cfg.train.mixed_precision == "bf16"
         assert run_cfg.train.batch_size * run_cfg.train.gradient_accumulation_steps * 4 == 32
+
+
+def test_training_sigmas_of_a_dynamic_shift_teacher_are_the_unshifted_grid(flux_folder, tmp_path):
+    """FLUX.1-dev's scheduler shifts by resolution at sampling time only; CLEAR's training draws a uniform
+    index into the unshifted training timesteps (P(sigma > 0.5) ~ 0.5, not ~0.76 as with mu = 1.15)."""
+    import shutil
+
+    folder = tmp_path / "flux-dev-shaped"
+    shutil.copytree(flux_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                  max_image_seq_len=4096, shift=3.0, num_train_timesteps=1000, time_shift_type="exponential")
+    path.write_text(json.dumps(config))
+    m = make_method(folder, tmp_path)
+    seen = []
+    m.compute_loss = lambda latents, embeds, sigma, noise: seen.append(sigma) or {
+        "loss": torch.zeros((), requires_grad=True), "fm": torch.zeros(()), "kd": torch.zeros(()), "attn": torch.zeros(())}
+    n = 3000
+    m.train_step({"latents": torch.zeros(n, 4, 8, 8), "caption": [""] * n}, 0)
+    sigma = seen[0]
+    grid = torch.linspace(1, 1000, 1000)[None] / 1000
+    assert abs(float((sigma > 0.5).float().mean()) - 0.5) < 0.04  # 4.4 standard errors; the shifted draw is 0.76
+    assert float((sigma[:, None] - grid).abs().min(dim=1).values.max()) < 1e-6  # on the training grid

@@ -38,6 +38,7 @@ from diffusers import FluxPipeline
 from fastgen.attention import flop_fraction, validate_clear_config, window_count
 from fastgen.attention.flux import ClearFluxTransformer2DModel, RecordingFluxAttnProcessor
 from fastgen.data.sources import build_dataset
+from fastgen.data.teacher_samples import generate_with_pipeline
 from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.losses import attention_alignment_loss, flow_matching_loss, output_distillation_loss
 from fastgen.models import PromptEmbeds
@@ -193,10 +194,11 @@ class Clear(Method):
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The teacher-generated latents (built once, then read from the cache)."""
         h = self.resolution // self.teacher.vae_scale_factor
+        if self.data_config.source == "teacher-samples" and not self.data_config.prompts and not self.is_digits_world():
+            raise ConfigError(f"teacher '{self.loaded.name}' is not the digits-world DiT: give data.prompts (a prompt file) "
+                              "for the teacher-generated training data")
 
         def generate(prompts: list[str]) -> torch.Tensor:
-            from fastgen.data.teacher_samples import generate_with_pipeline
-
             d = self.data_config
             return generate_with_pipeline(self.teacher.pipeline(), prompts, d.teacher_steps, d.teacher_batch_size, d.seed,
                                           self.pipeline_kwargs, lambda tokens: unpack_latents(tokens, h, h))
