@@ -66,7 +66,8 @@ from fastgen.attention import (  # noqa: E402
     flop_fraction,
     triton_executed_fraction,
 )
-from fastgen.evaluation.reports import atomic_write_text, markdown_table, write_json  # noqa: E402
+from fastgen.evaluation.reports import markdown_table  # noqa: E402
+from fastgen.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 REFERENCE_MAX_TOKENS = 20_000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -263,7 +264,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     stem = "clear_attention_quick" if args.quick else "clear_attention"
-    write_json(out / f"{stem}.json", {"protocol": protocol, "rows": rows, "skipped": skipped})
+    atomic_write_json(out / f"{stem}.json", {"protocol": protocol, "rows": rows, "skipped": skipped})
     md = [f"# CLEAR attention latency ({protocol['device']}, {protocol['dtype']}, {args.heads} heads x {args.dim}, "
           f"{args.text_len} text tokens)\n",
           f"{protocol['timing']}; speedup = full SDPA median / case median. Generated {protocol['date']}, "

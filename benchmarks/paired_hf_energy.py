@@ -21,7 +21,8 @@ from fastgen.data import digits as dw  # noqa: E402
 from fastgen.evaluation.bench import git_commit, load_pipeline_for_bench, sample_pipeline  # noqa: E402
 from fastgen.evaluation.hf_energy import hf_energy  # noqa: E402
 from fastgen.evaluation.presets import prompts_sha  # noqa: E402
-from fastgen.evaluation.reports import atomic_write_text, markdown_table, write_json  # noqa: E402
+from fastgen.evaluation.reports import markdown_table  # noqa: E402
+from fastgen.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     protocol = {"baseline": base_label, "prompts_sha256_16": prompts_sha(prompts), "samples": args.samples, "seed": args.seed,
                 "steps": args.steps, "guidance": args.guidance, "torch": torch.__version__, "fastgen_commit": git_commit(),
                 "statistic": "paired t of per-image hf_energy differences vs the baseline (|t| > 3: beyond noise)"}
-    write_json(Path(args.out) / f"{args.name}.json", {"rows": rows, "protocol": protocol})
+    atomic_write_json(Path(args.out) / f"{args.name}.json", {"rows": rows, "protocol": protocol})
     cols = ["pipeline", "steps", "hf_energy", "relative_to_baseline", "paired_t", "share_of_images_higher"]
     md = (f"# Paired hf_energy vs `{base_label}` ({args.samples} prompts, same seeds, {args.steps} steps)\n\n"
           + markdown_table(rows, cols) + f"\n{protocol['statistic']}; commit `{protocol['fastgen_commit']}`.\n")

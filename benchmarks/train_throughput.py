@@ -940,10 +940,10 @@ def main(argv: list[str] | None = None) -> int:
                      if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},
     }
     result = {"protocol": protocol, "rows": rows, "comparisons": comparisons(rows), "skipped": skipped}
-    from fastgen.evaluation.reports import atomic_write_text, write_json
+    from fastgen.io import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
-    write_json(out / f"{RESULT_NAME}.json", result)
+    atomic_write_json(out / f"{RESULT_NAME}.json", result)
     atomic_write_text(out / f"{RESULT_NAME}.md", render_markdown(result))
     print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')} and .md in {protocol['wall_s']} s", file=sys.stderr)
     return 1 if failed else 0

@@ -34,71 +34,23 @@ def _zoo_check(args) -> int:
 
 
 def _zoo_where(args) -> int:
-    from fastgen.zoo import paths
+    from fastgen.zoo.check import shipped_models
 
-    for label, fn in (("UNet teacher (StableDiffusionPipeline)", paths.sd_teacher),
-                      ("DiT teacher (FluxPipeline)", paths.flux_teacher),
-                      ("digits classifier", paths.classifier)):
-        print(f"{label:40s} {fn(args.root)}")
+    for label, path in shipped_models(args.root):
+        print(f"{label:40s} {path}")
     return 0
 
 
 def _demo(args) -> int:
     """The digits-world demo: teachers, then an LCD student trained, exported and reloaded."""
-    from pathlib import Path
+    from fastgen.workflows.demo import run_demo
 
-    from fastgen.zoo.check import check
-
-    t0 = time.time()
-    out = Path(args.out)
-    print("== fastgen demo: the digits world ==")
-    print("Shipped teachers (stock diffusers pipeline folders):")
-    _zoo_where(args)
-
-    print(f"\n[1/2] Sampling both teachers (50 steps, CFG) and scoring {args.samples} images each...")
-    check(samples=args.samples, steps=args.steps, out_dir=out, root=args.root, name="digits_teachers", seed=0)
-    print((out / "digits_teachers.md").read_text())
-    print(f"grids: {out}/digits_teachers_unet_grid.png, {out}/digits_teachers_dit_grid.png")
-    t_teachers = time.time() - t0
-    print(f"teachers done in {t_teachers:.0f} s")
-    if args.skip_students:
-        print(f"demo finished in {time.time() - t0:.0f} s")
-        return 0
-
-    print("\n[2/2] LCD: training a 4-step student from the UNet teacher (recipe lcd-digits)...")
-    t1 = time.time()
-    from fastgen.evaluation.bench import PipelineSpec, Suite, run_quality, write_quality_report
-    from fastgen.pipelines import export_run
-    from fastgen.pipelines.sampling import load_exported, sample_grid
-    from fastgen.trainers.engine.run import train
-    from fastgen.zoo import paths
-    from fastgen.zoo.build import UNET_GUIDANCE, UNET_RESOLUTION
-
-    run_dir = out / "lcd-digits"
-    latest = run_dir / "checkpoints" / "latest"
-    overrides = [f"output_dir={run_dir}", "train.eval_every=0", "train.progress=true"]
-    train("lcd-digits", overrides, resume="latest" if latest.exists() else None)
-    export_dir = export_run(run_dir, out / "lcd-digits-export", overwrite=True)
-    print(f"trained and exported in {time.time() - t1:.0f} s -> {export_dir}")
-    pipe, kind = load_exported(export_dir)  # stock DiffusionPipeline.from_pretrained
-    print(f"reloaded with stock diffusers: {type(pipe).__name__} + {type(pipe.scheduler).__name__}")
-    prompts = [f"a {c} handwritten digit {d}" for c, d in (("red", "seven"), ("blue", "three"), ("green", "zero"), ("yellow", "five"))]
-    grid = sample_grid(pipe, prompts, steps=4, guidance=UNET_GUIDANCE, seed=0, num_images=6,
-                       out=out / "lcd_student_4step_grid.png", height=UNET_RESOLUTION, width=UNET_RESOLUTION)
-    print(f"4-step student grid: {grid}")
-    suite = Suite("demo_quality", [PipelineSpec("teacher", str(paths.sd_teacher(args.root)), steps=[50], guidance=UNET_GUIDANCE,
-                                                height=UNET_RESOLUTION),
-                                   PipelineSpec("lcd", str(export_dir), steps=[1, 2, 4], guidance=UNET_GUIDANCE,
-                                                height=UNET_RESOLUTION)], samples=args.samples)
-    write_quality_report(run_quality(suite), out, "demo_quality", "Demo: UNet teacher vs LCD student")
-    print((out / "demo_quality.md").read_text())
-    print(f"students done in {time.time() - t1:.0f} s (teachers {t_teachers:.0f} s)")
-    print(f"demo finished in {time.time() - t0:.0f} s")
+    run_demo(samples=args.samples, steps=args.steps, out=args.out, root=args.root, skip_students=args.skip_students)
     return 0
 
 
 def _train(args) -> int:
-    from fastgen.trainers.engine.run import train
+    from fastgen.workflows.train import train
 
     recipe = args.config or args.method
     if args.config and args.method:
@@ -116,7 +68,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from fastgen.pipelines import export_run
+    from fastgen.workflows.export import export_run
 
     out = export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"exported {args.run_dir} ({args.checkpoint}) -> {out}")
@@ -139,7 +91,7 @@ def _sample(args) -> int:
 def _parse_pipeline(text: str):
     """``LABEL=FOLDER[:steps=1,2,4][:guidance=3][:height=32][:recipe=NAME]`` -> PipelineSpec."""
     from fastgen.errors import ConfigError
-    from fastgen.evaluation.bench import PipelineSpec
+    from fastgen.workflows.bench import PipelineSpec
 
     label, sep, rest = text.partition("=")
     if not sep or not label:
@@ -164,7 +116,7 @@ def _parse_pipeline(text: str):
 
 
 def _bench_suite(args, default_name: str):
-    from fastgen.evaluation.bench import SpeedSpec, Suite, load_suite
+    from fastgen.workflows.bench import SpeedSpec, Suite, load_suite
 
     pipes = [_parse_pipeline(t) for t in (args.pipeline or [])]
     if args.steps:
@@ -207,34 +159,22 @@ def _bench_suite(args, default_name: str):
 def _bench_quality(args) -> int:
     from pathlib import Path
 
-    from fastgen.evaluation.bench import plot_quality_vs_latency, read_json, run_quality, write_quality_report
+    from fastgen.workflows.bench import bench_quality
 
     suite = _bench_suite(args, "quality")
-    result = run_quality(suite)
-    files = write_quality_report(result, args.out, suite.name, suite.display_title)
-    speed = read_json(Path(args.out) / f"{(suite.speed.name if suite.speed else 'sampling_speed')}.json")
-    if speed:
-        png = plot_quality_vs_latency(result, speed, Path(args.out) / f"{suite.name}_vs_latency.png")
-        if png:
-            files.append(png)
+    files = bench_quality(suite, args.out)
     print(Path(args.out, f"{suite.name}.md").read_text())
     print("wrote " + ", ".join(map(str, files)))
     return 0
 
 
-SPEED_NOTE = """The ideal speed-up of a 4-step student over a 50-step CFG teacher is 100/4 = 25x in image
-evaluations. Measured ratios are lower because a batch-2 forward (CFG's cond+uncond) costs less than two
-batch-1 forwards, and because both pipelines pay the same work outside the denoiser."""
-
-
 def _bench_speed(args) -> int:
     from pathlib import Path
 
-    from fastgen.evaluation.bench import run_speed, write_speed_report
+    from fastgen.workflows.bench import bench_speed
 
     suite = _bench_suite(args, "sampling_speed")
-    result = run_speed(suite)
-    files = write_speed_report(result, args.out, suite.speed.name, SPEED_NOTE)
+    files = bench_speed(suite, args.out)
     print(Path(files[1]).read_text())
     print("wrote " + ", ".join(map(str, files)))
     return 0
@@ -250,23 +190,13 @@ def _bench_score(args) -> int:
     """Score a folder of already generated images against a prompt file (one prompt per image)."""
     import json
 
-    from fastgen.evaluation.bench import PipelineSpec, PromptSet, Suite, build_metrics
-    from fastgen.evaluation.fid import read_image
-    from fastgen.evaluation.presets import load_paired_folder
+    from fastgen.evaluation.bench import score_image_folder
 
-    pairs = load_paired_folder(args.prompts, args.images)
-    suite = Suite("score", [PipelineSpec("images", folder=str(args.images))], metrics=[m.strip() for m in args.metrics.split(",")],
-                  clip_model=args.clip_model, hps_checkpoint=args.hps_checkpoint, hps_version=args.hps_version,
-                  inception_weights=args.inception_weights, fid_reference=args.fid_reference)
-    ps = PromptSet(pairs.prompts, f"prompt file {args.prompts}", pairs.protocol)
-    metrics = build_metrics(suite, ps)
-    import torch
-
-    images = torch.stack([pairs.preprocess(read_image(f)[None])[0] for f in pairs.files]).float() / 255.0
-    row = {"images": str(args.images), "count": len(images)}
-    for m in metrics:
-        row.update(m.score(images, ps))
-    print(json.dumps({"row": row, "protocol": {**pairs.protocol, "metrics": {m.name: m.describe() for m in metrics}}}, indent=2))
+    result = score_image_folder(args.images, args.prompts, [m.strip() for m in args.metrics.split(",")],
+                                clip_model=args.clip_model, hps_checkpoint=args.hps_checkpoint,
+                                hps_version=args.hps_version, inception_weights=args.inception_weights,
+                                fid_reference=args.fid_reference)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -279,9 +209,9 @@ def _bench_hps(args) -> int:
     res = hps_benchmark(scorer, args.images_root, args.prompts_dir, per_style=args.per_style)
     print(json.dumps(res, indent=2))
     if args.out_json:
-        from fastgen.evaluation.reports import write_json
+        from fastgen.io import atomic_write_json
 
-        write_json(args.out_json, res)
+        atomic_write_json(args.out_json, res)
     return 0
 
 

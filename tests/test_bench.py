@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from fastgen.cli import main
+from fastgen.config import config_from_dict
 from fastgen.errors import ConfigError
-from fastgen.evaluation.bench import Suite, build_metrics, load_prompt_set, load_suite, suite_from_dict
+from fastgen.evaluation.bench import Suite, build_metrics, load_prompt_set
+from fastgen.workflows.bench import load_suite
+
+
+def suite_from_dict(data: dict) -> Suite:
+    return config_from_dict(Suite, data)
 
 from tiny_models import make_tiny_sd
 
@@ -27,7 +33,7 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
     assert suite.samples == 40 and suite.pipelines[1].steps == [2] and suite.speed.repeats == 3
     assert [p.label for p in suite.pipelines][:3] == ["teacher", "lcd", "lcd-lora"] and suite.speed.ratio == ["teacher@50", "lcd@4"]
     assert {"rg-lcd-direct", "rg-lcd-lrm", "dit-teacher", "clear"} <= {p.label for p in suite.pipelines}
-    with pytest.raises(ConfigError, match="did you mean samples"):
+    with pytest.raises(ConfigError, match="did you mean 'samples'"):
         suite_from_dict({"name": "x", "sampels": 3, "pipelines": [{"label": "a", "folder": "f"}]})
     with pytest.raises(ConfigError, match="needs a 'folder'"):
         suite_from_dict({"name": "x", "pipelines": [{"label": "a"}]})
@@ -35,8 +41,24 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
         suite_from_dict({"name": "x", "pipelines": [{"label": "a", "folder": "f"}, {"label": "a", "folder": "g"}]})
     with pytest.raises(ConfigError, match="not a valid list index"):
         load_suite("benchmarks/suites/digits.yaml", ["pipelines.7.steps=[2]"])
+    with pytest.raises(ConfigError, match=r"pipelines.1.stepz.*did you mean 'steps'"):
+        load_suite("benchmarks/suites/digits.yaml", ["pipelines.1.stepz=[2]"])
+    with pytest.raises(ConfigError, match=r"speed.repeats' .*expects int"):
+        load_suite("benchmarks/suites/digits.yaml", ["speed.repeats=many"])
     with pytest.raises(ConfigError, match="not found"):
         load_suite(tmp_path / "nope.yaml")
+    # suite files: typed values, unknown keys with a suggestion, YAML errors naming the file
+    (tmp_path / "typo.yaml").write_text("name: x\npipelines:\n  - {label: a, folder: f, stepz: [1]}\n")
+    with pytest.raises(ConfigError, match=r"'pipelines\[0\].stepz' \(in recipe .*typo.yaml'\); did you mean 'pipelines\[0\].steps'"):
+        load_suite(tmp_path / "typo.yaml")
+    (tmp_path / "broken.yaml").write_text("name: x\npipelines:\n  - label: a\n   folder: [f\n")
+    with pytest.raises(ConfigError, match=r"(?s)broken.yaml' is not valid YAML.*line 4"):
+        load_suite(tmp_path / "broken.yaml")
+    (tmp_path / "empty.yaml").write_text("name: x\npipelines: []\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml.*non-empty 'pipelines'"):
+        load_suite(tmp_path / "empty.yaml")
+    one = load_suite("benchmarks/suites/digits.yaml", ["metrics=digits,fid", "pipelines.0.guidance=2.5"])
+    assert one.metrics == ["digits", "fid"] and one.pipelines[0].guidance == 2.5 and one.pipelines[1].guidance == 3
 
 
 def test_unknown_metric_lists_the_available_ones():
@@ -115,7 +137,7 @@ def test_bench_run_writes_quality_speed_and_plots_with_protocol(tiny_sd, tmp_pat
 
 
 def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, tiny_sd):
-    from fastgen.evaluation import bench
+    from fastgen.workflows import bench
 
     calls = []
 
@@ -137,11 +159,8 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
         (out / "fastgen_export.json").write_text(json.dumps({"guidance_scale": 2.5, "resolution": 32}))
         return out
 
-    import fastgen.pipelines
-    import fastgen.trainers.engine.run
-
-    monkeypatch.setattr(fastgen.trainers.engine.run, "train", fake_train)
-    monkeypatch.setattr(fastgen.pipelines, "export_run", fake_export)
+    monkeypatch.setattr(bench, "train", fake_train)
+    monkeypatch.setattr(bench, "export_run", fake_export)
     spec = bench.PipelineSpec("s", recipe="lcd-digits", steps=[1])
     folder, d = bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
     assert calls == [("lcd-digits", None, [])] and d["guidance"] == 2.5 and d["height"] == 32
@@ -154,6 +173,26 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     spec = bench.PipelineSpec("other", recipe="lcd-digits", overrides=["lcd.w_max=5"], run_name="lcd-big")
     with pytest.raises(ConfigError, match=r"different configuration .* lcd\.w_max"):
         bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    # the quality protocol names a recipe pipeline's recipe and its run's configuration
+    resolved = bench.recipe_resolver(tmp_path, log=lambda *_: None)(bench.PipelineSpec("s", recipe="lcd-digits"))
+    assert resolved.info["recipe"] == "lcd-digits" and resolved.info["run_config"]["method"] == "lcd"
+    assert len(calls) == 2
+    # the evaluation alone never trains: a recipe pipeline needs its export folder
+    from fastgen.evaluation.bench import resolve_folder
+
+    with pytest.raises(ConfigError, match="train and export it first"):
+        resolve_folder(bench.PipelineSpec("s", recipe="lcd-digits"))
+
+
+def test_evaluation_imports_neither_trainers_nor_workflows():
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, fastgen.evaluation as e, fastgen.rewards\n"
+            "for m in pkgutil.iter_modules(e.__path__): importlib.import_module('fastgen.evaluation.' + m.name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('fastgen.trainers', 'fastgen.workflows'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():
@@ -172,3 +211,48 @@ def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():
     text = explain_breakdown(b)
     assert "25x" in text and "17.9x" in text
     assert ratio_breakdown(rows[:2], ("t", 50), ("s", 4)) == {}
+
+
+def test_demo_trains_exports_reloads_and_scores_the_student(tiny_sd, tmp_path, monkeypatch, capsys):
+    """`fastgen demo` orchestration (fastgen.workflows.demo) with the teachers' check, the training and the
+    export replaced by stand-ins; the tiny pipeline plays teacher and exported student."""
+    import fastgen.workflows.export
+    import fastgen.workflows.train
+    import fastgen.zoo.check
+    from fastgen.workflows.demo import run_demo
+    from fastgen.zoo import paths
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    (root / "sd-digits").symlink_to(tiny_sd)
+    (root / "flux-digits").mkdir()
+    (root / "classifier").symlink_to(paths.classifier())
+    calls = []
+
+    def fake_check(samples, steps, out_dir, root, name, seed):
+        calls.append(("check", samples, steps))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{name}.md").write_text("# teachers\n")
+
+    monkeypatch.setattr(fastgen.zoo.check, "check", fake_check)
+    monkeypatch.setattr(fastgen.workflows.train, "train",
+                        lambda recipe, overrides, resume=None: calls.append(("train", recipe, overrides[0], resume)))
+    monkeypatch.setattr(fastgen.workflows.export, "export_run",
+                        lambda run_dir, out, overwrite=False: calls.append(("export", Path(run_dir).name, overwrite)) or tiny_sd)
+    lines = []
+    out = run_demo(samples=6, steps=2, out=tmp_path / "demo", root=root, log=lines.append)
+    assert calls == [("check", 6, 2), ("train", "lcd-digits", f"output_dir={out / 'lcd-digits'}", None),
+                     ("export", "lcd-digits", True)]
+    q = json.loads((out / "demo_quality.json").read_text())
+    assert [(r["method"], r["steps"]) for r in q["rows"]] == [("teacher", 50), ("lcd", 1), ("lcd", 2), ("lcd", 4)]
+    assert (out / "lcd_student_4step_grid.png").stat().st_size > 0 and (out / "demo_quality.md").is_file()
+    assert lines[:2] == ["== fastgen demo: the digits world ==", "Shipped teachers (stock diffusers pipeline folders):"]
+    assert any(line.startswith("reloaded with stock diffusers: StableDiffusionPipeline") for line in lines)
+    assert lines[-1].startswith("demo finished in")
+    # the command line: same flags, teachers only
+    capsys.readouterr()
+    assert main(["demo", "--skip-students", "--samples", "6", "--steps", "2", "--out", str(tmp_path / "d2"),
+                 "--root", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] Sampling both teachers (50 steps, CFG) and scoring 6 images each..." in printed
+    assert "teachers done in" in printed and "[2/2]" not in printed and calls[-1] == ("check", 6, 2)

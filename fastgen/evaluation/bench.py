@@ -1,10 +1,12 @@
-"""The benchmark harness behind ``fastgen bench quality|speed|run``: teacher and students under one
-protocol (same prompts, seeds, batch split, preprocessing), JSON + markdown + plots.
+"""Benchmark measurements behind ``fastgen bench``: teacher and students under one protocol (same
+prompts, seeds, batch split, preprocessing), JSON + markdown + plots.
 
-A suite (YAML, see ``benchmarks/suites/``) names the pipelines, their step counts and guidance,
-the prompt set, the metrics and the speed protocol. A pipeline is a diffusers folder, a shipped
-alias (``digits-sd``, ``digits-flux``), an export of ``fastgen export``, or a ``recipe``: its run
-folder ``runs/<recipe>`` is reused when finished, trained (or resumed) otherwise, then exported.
+This module measures and reports; it never trains. A suite (YAML, see ``benchmarks/suites/``, read by
+:func:`fastgen.workflows.bench.load_suite`) names the pipelines, their step counts and guidance, the
+prompt set, the metrics and the speed protocol. Here a pipeline is a diffusers folder, a shipped alias
+(``digits-sd``, ``digits-flux``) or an export of ``fastgen export``; pipelines given as a ``recipe`` are
+trained and exported first by :mod:`fastgen.workflows.bench`, which hands their folders to
+:func:`measure_quality` / :func:`measure_speed` through a resolver.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastgen.errors import ConfigError, DataError, ModelLoadError
-from fastgen.evaluation.reports import atomic_write_text, markdown_table, write_json
+from fastgen.errors import ConfigError, ModelLoadError
+from fastgen.evaluation.reports import markdown_table
+from fastgen.io import atomic_file, atomic_write_json, atomic_write_text, save_image_grid
 
 # ---------------------------------------------------------------------------------------------
-# Suite description
+# Suite description (typed; loaded with fastgen.config)
 
 
 @dataclass
@@ -33,8 +37,8 @@ class PipelineSpec:
     label: str
     folder: str | None = None
     recipe: str | None = None
-    steps: list[int] = field(default_factory=lambda: [4])
-    guidance: float | None = None
+    steps: list[int] | int = field(default_factory=lambda: [4])
+    guidance: int | float | None = None  # kept as written (3 stays 3 in the reports)
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
@@ -75,7 +79,7 @@ class Suite:
     samples: int = 1000
     seed: int = 0
     batch_size: int = 250
-    metrics: list[str] = field(default_factory=lambda: ["digits"])
+    metrics: list[str] | str = field(default_factory=lambda: ["digits"])  # a list, or "digits,fid"
     runs_dir: str = "runs"
     # metric settings
     inception_weights: str | None = None
@@ -89,71 +93,18 @@ class Suite:
     grids: int = 0  # save the first N images of every (pipeline, steps) as a grid
     plot_columns: list[str] = field(default_factory=list)  # quality-vs-steps plots (default: the primary metric)
 
+    def __post_init__(self):
+        if not self.pipelines:
+            raise ConfigError(f"suite {self.name!r} needs a non-empty 'pipelines' list")
+        if isinstance(self.metrics, str):
+            self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        labels = [p.label for p in self.pipelines]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"suite {self.name!r}: pipeline labels must be unique, got {labels}")
+
     @property
     def display_title(self) -> str:
         return self.title or self.name
-
-
-def _build(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in sorted(unknown)]
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
-    return cls(**data)
-
-
-def suite_from_dict(data: dict, where: str = "suite") -> Suite:
-    data = dict(data)
-    pipes = data.pop("pipelines", None)
-    if not pipes:
-        raise ConfigError(f"{where}: a suite needs a non-empty 'pipelines' list")
-    data["pipelines"] = [_build(PipelineSpec, dict(p), f"{where}: pipeline {p.get('label', i)}") for i, p in enumerate(pipes)]
-    if data.get("speed") is not None:
-        data["speed"] = _build(SpeedSpec, dict(data["speed"]), f"{where}: speed")
-    if isinstance(data.get("metrics"), str):
-        data["metrics"] = [m.strip() for m in data["metrics"].split(",") if m.strip()]
-    suite = _build(Suite, data, where)
-    labels = [p.label for p in suite.pipelines]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"{where}: pipeline labels must be unique, got {labels}")
-    return suite
-
-
-def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
-    """Read a suite YAML; ``overrides`` are ``key=value`` strings for top-level keys (``samples=200``)."""
-    import yaml
-
-    from fastgen.config import parse_overrides
-
-    p = Path(path)
-    if not p.is_file():
-        cand = Path("benchmarks/suites") / f"{path}.yaml"
-        if cand.is_file():
-            p = cand
-        else:
-            raise ConfigError(f"suite file {path} not found (nor {cand}); pass a YAML path such as benchmarks/suites/digits.yaml")
-    data = yaml.safe_load(p.read_text()) or {}
-    _merge(data, parse_overrides(overrides or []), str(p))
-    return suite_from_dict(data, where=str(p))
-
-
-def _merge(node, updates: dict, where: str) -> None:
-    """Deep-merge override dicts; a numeric key indexes a list (``pipelines.1.steps=[4]``)."""
-    for key, value in updates.items():
-        if isinstance(node, list):
-            if not str(key).isdigit() or int(key) >= len(node):
-                raise ConfigError(f"{where}: override index {key!r} is not a valid list index (0..{len(node) - 1})")
-            key = int(key)
-            current = node[key]
-        else:
-            current = node.get(key)
-        if isinstance(value, dict) and isinstance(current, (dict, list)):
-            _merge(current, value, where)
-        else:
-            node[key] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,86 +122,41 @@ ALIAS_DEFAULTS = {  # sampling defaults of the shipped digits teachers
 }
 
 
-def _finished(run_dir: Path) -> bool:
-    import yaml
+@dataclass
+class ResolvedPipeline:
+    """The folder a :class:`PipelineSpec` is loaded from and its sampling defaults (guidance, height,
+    negative prompt, call kwargs); ``info`` holds extra fields for the quality protocol (e.g. the recipe)."""
 
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-        state = json.loads((run_dir / "checkpoints" / latest / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return state.get("step", 0) >= cfg["train"]["max_steps"]
+    folder: Path
+    defaults: dict
+    info: dict = field(default_factory=dict)
 
 
-def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None:
-    """A run folder is only reused for the recipe (and overrides) it was trained with."""
-    import yaml
-
-    from fastgen.config import config_to_dict
-    from fastgen.trainers.engine.run import load_run_config
-
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    saved.pop("method", None)
-    cfg, _ = load_run_config(recipe, overrides)
-    wanted = json.loads(json.dumps(config_to_dict(cfg), default=str))
-    saved = json.loads(json.dumps(saved, default=str))
-    wanted.pop("output_dir", None)  # a run folder may be moved or renamed
-    saved.pop("output_dir", None)
-
-    def diff(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                yield from diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        elif a != b:
-            yield prefix[:-1]
-
-    keys = list(diff(wanted, saved))
-    if keys:
-        raise ConfigError(f"{run_dir} was trained with a different configuration than recipe {recipe!r} "
-                          f"with overrides {overrides[:-1]} (differs in: {', '.join(keys[:6])}); move or delete that "
-                          f"run folder, or give this pipeline another run_name")
+Resolver = Callable[[PipelineSpec], ResolvedPipeline]
 
 
-def ensure_recipe_export(recipe: str, runs_dir: str | Path, log=print, overrides: list[str] | None = None,
-                         run_name: str | None = None) -> Path:
-    """``runs/<run_name or recipe>`` trained to its last step (trained or resumed here when needed), exported
-    to ``runs/exports/<run_name or recipe>`` (re-exported when the run is newer than the export)."""
-    from fastgen.pipelines import export_run
-    from fastgen.trainers.engine.run import train
+def resolve_folder(spec: PipelineSpec, folder: str | Path | None = None) -> ResolvedPipeline:
+    """``spec``'s pipeline folder (``folder`` when given, e.g. a recipe's export, else ``spec.folder``
+    or the alias it names) with its sampling defaults: the alias's, then ``fastgen_export.json``'s
+    recommendations, overridden by the spec's own ``guidance``/``height``/``negative_prompt``.
 
-    runs = Path(runs_dir)
-    name = run_name or recipe
-    run_dir, out = runs / name, runs / "exports" / name
-    latest = run_dir / "checkpoints" / "latest"
-    _check_same_recipe(run_dir, recipe, [*(overrides or []), f"output_dir={run_dir}"])
-    if not _finished(run_dir):
-        log(f"[bench] training {recipe} into {run_dir} ({'resuming' if latest.exists() else 'from scratch'})")
-        train(recipe, [*(overrides or []), f"output_dir={run_dir}"], resume="latest" if latest.exists() else None)
-    stamp = out / "fastgen_export.json"
-    if not stamp.is_file() or stamp.stat().st_mtime < latest.stat().st_mtime:
-        log(f"[bench] exporting {run_dir} -> {out}")
-        export_run(run_dir, out, overwrite=True)
-    return out
-
-
-def resolve_pipeline(spec: PipelineSpec, runs_dir: str | Path, log=print) -> tuple[Path, dict]:
-    """The folder to load and the sampling defaults (guidance, size) for ``spec``."""
-    from fastgen.pipelines.sampling import _export_info
+    A ``recipe`` pipeline without ``folder`` is refused: :mod:`fastgen.workflows.bench` trains and
+    exports it first.
+    """
+    from fastgen.pipelines.sampling import export_info
     from fastgen.zoo.paths import resolve_model
 
-    if spec.recipe:
-        folder = ensure_recipe_export(spec.recipe, runs_dir, log, spec.overrides, spec.run_name)
-    else:
+    if folder is None:
+        if spec.recipe:
+            raise ConfigError(f"pipeline {spec.label!r} is the recipe {spec.recipe!r}: train and export it first "
+                              f"(`fastgen bench` does, through fastgen.workflows.bench) or give its export folder")
         folder = resolve_model(spec.folder)
+    folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"pipeline {spec.label!r}: folder {folder} does not exist; give a diffusers pipeline folder, "
                              f"a `fastgen export` folder or a shipped alias (digits-sd, digits-flux)")
     defaults = dict(ALIAS_DEFAULTS.get(str(spec.folder), {}))
-    info = _export_info(folder)
+    info = export_info(folder)
     if "guidance_scale" in info:
         defaults.setdefault("guidance", float(info["guidance_scale"]))
     if info.get("resolution"):
@@ -259,7 +165,7 @@ def resolve_pipeline(spec: PipelineSpec, runs_dir: str | Path, log=print) -> tup
         if getattr(spec, key) is not None:
             defaults[key] = getattr(spec, key)
     defaults.setdefault("guidance", 1.0)
-    return folder, defaults
+    return ResolvedPipeline(folder, defaults)
 
 
 def load_pipeline_for_bench(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -279,8 +185,9 @@ def load_pipeline_for_bench(folder: Path, device: str = "cpu", dtype: torch.dtyp
 def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 250,
                     height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                     **kwargs) -> torch.Tensor:
-    """Images in [0,1] ``[N,3,H,W]`` from any stock text-to-image pipeline; batch ``i`` uses
-    ``torch.Generator().manual_seed(seed + i*batch_size)``, so every pipeline sees the same noise seeds."""
+    """Images in [0,1] ``[N,3,H,W]`` from any stock text-to-image pipeline; the batch starting at prompt
+    ``i`` uses ``torch.Generator().manual_seed(seed + i)``, so every pipeline sees the same noise seeds
+    (the in-training evaluation, :class:`fastgen.evaluation.training.TrainingEvaluator`, seeds alike)."""
     out = []
     pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(prompts), batch_size):
@@ -337,6 +244,7 @@ def load_prompt_set(suite: Suite) -> PromptSet:
     return PromptSet(prompts, f"prompt file {spec}", {"prompts_sha256_16": prompts_sha(prompts), "count": len(prompts)})
 
 
+# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
@@ -503,7 +411,7 @@ def build_metrics(suite: Suite, prompt_set: PromptSet) -> list[BenchMetric]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs
+# Measurements
 
 
 def git_commit() -> str:
@@ -524,23 +432,23 @@ def versions() -> dict:
             "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
 
 
-def run_quality(suite: Suite, log=print) -> dict:
-    """Sample every pipeline at each of its step counts under one protocol and score it."""
+def measure_quality(suite: Suite, resolve: Resolver | None = None, log=print) -> dict:
+    """Sample every pipeline at each of its step counts under one protocol and score it.
+
+    ``resolve(spec)`` gives each pipeline's folder and sampling defaults (default :func:`resolve_folder`:
+    folders and aliases only; :func:`fastgen.workflows.bench.run_quality` passes one that trains recipes).
+    """
+    resolve = resolve or resolve_folder
     ps = load_prompt_set(suite)
     metrics = build_metrics(suite, ps)
     columns = [c for m in metrics for c in m.columns]
     rows, pipelines, grids = [], {}, {}
     for spec in suite.pipelines:
-        folder, d = resolve_pipeline(spec, suite.runs_dir, log)
+        resolved = resolve(spec)
+        folder, d = resolved.folder, resolved.defaults
         pipe = load_pipeline_for_bench(folder)
         pipelines[spec.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__,
-                                 "scheduler": type(pipe.scheduler).__name__, **d}
-        if spec.recipe:
-            import yaml
-
-            run_dir = Path(suite.runs_dir) / (spec.run_name or spec.recipe)
-            pipelines[spec.label].update(recipe=spec.recipe, overrides=list(spec.overrides),
-                                         run_config=yaml.safe_load((run_dir / "config.yaml").read_text()))
+                                 "scheduler": type(pipe.scheduler).__name__, **d, **resolved.info}
         for steps in spec.steps:
             t0 = time.perf_counter()
             images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
@@ -581,10 +489,12 @@ def _device(spec: SpeedSpec) -> str:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run_speed(suite: Suite, log=print) -> dict:
-    """Latency of every pipeline at each of its (speed) step counts, end to end and network only."""
+def measure_speed(suite: Suite, resolve: Resolver | None = None, log=print) -> dict:
+    """Latency of every pipeline at each of its (speed) step counts, end to end and network only
+    (``resolve`` as in :func:`measure_quality`)."""
     from fastgen.evaluation.speed import measure_pipeline_speed, speed_ratio
 
+    resolve = resolve or resolve_folder
     spec = suite.speed or SpeedSpec()
     if spec.dtype not in DTYPES:
         raise ConfigError(f"speed dtype {spec.dtype!r} unknown; choose one of {', '.join(DTYPES)}")
@@ -594,7 +504,8 @@ def run_speed(suite: Suite, log=print) -> dict:
         steps_to_time = p.steps if p.speed_steps is None else p.speed_steps
         if not steps_to_time:
             continue
-        folder, d = resolve_pipeline(p, suite.runs_dir, log)
+        resolved = resolve(p)
+        folder, d = resolved.folder, resolved.defaults
         pipe = load_pipeline_for_bench(folder, device, DTYPES[spec.dtype])
         pipelines[p.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__, **d}
         kwargs = {**d.get("call_kwargs", {}), **p.call_kwargs}
@@ -620,6 +531,24 @@ def run_speed(suite: Suite, log=print) -> dict:
                 "pipelines": pipelines, "cpu": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads()}
     return {"rows": rows, "ratios": ratios, "ratio_breakdown": breakdown, "protocol": protocol}
+
+
+def score_image_folder(images: str | Path, prompts: str | Path, metrics: list[str], **settings: Any) -> dict:
+    """Score a folder of already generated images against a prompt file (one prompt per image, in file
+    order): ``{"row": {...}, "protocol": {...}}``. ``settings`` are :class:`Suite` metric settings
+    (``clip_model``, ``hps_checkpoint``, ``hps_version``, ``inception_weights``, ``fid_reference``)."""
+    from fastgen.evaluation.fid import read_image
+    from fastgen.evaluation.presets import load_paired_folder
+
+    pairs = load_paired_folder(prompts, images)
+    suite = Suite("score", [PipelineSpec("images", folder=str(images))], metrics=list(metrics), **settings)
+    ps = PromptSet(pairs.prompts, f"prompt file {prompts}", pairs.protocol)
+    built = build_metrics(suite, ps)
+    pixels = torch.stack([pairs.preprocess(read_image(f)[None])[0] for f in pairs.files]).float() / 255.0
+    row = {"images": str(images), "count": len(pixels)}
+    for m in built:
+        row.update(m.score(pixels, ps))
+    return {"row": row, "protocol": {**pairs.protocol, "metrics": {m.name: m.describe() for m in built}}}
 
 
 def ratio_breakdown(rows: list[dict], num: tuple[str, int], den: tuple[str, int]) -> dict:
@@ -693,10 +622,9 @@ def _plt():
 
 
 def _save_fig(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return Path(path)
 
 
 def plot_quality_vs_steps(result: dict, path: Path, column: str | None = None) -> Path:
@@ -779,7 +707,7 @@ def write_quality_report(result: dict, out_dir: str | Path, name: str, title: st
     out_dir = Path(out_dir)
     grids = result.pop("_grids", {})
     plot_columns = result.pop("_plot_columns", [])
-    write_json(out_dir / f"{name}.json", result)
+    atomic_write_json(out_dir / f"{name}.json", result)
     proto = result["protocol"]
     lines = [f"# {title}\n\n",
              f"Suite `{proto['suite']}`: {proto['prompts']} (sha256/16 `{proto.get('prompts_sha256_16')}`), "
@@ -795,10 +723,8 @@ def write_quality_report(result: dict, out_dir: str | Path, name: str, title: st
         if col != primary_column(result["columns"]):
             written.append(plot_quality_vs_steps(result, out_dir / f"{name}_{col}_vs_steps.png", column=col))
     if grids:
-        from fastgen.evaluation.reports import save_grid
-
         for key, imgs in grids.items():
-            written.append(save_grid(imgs, out_dir / f"{name}_grids" / f"{key.replace('@', '_')}steps.png", nrow=8,
+            written.append(save_image_grid(imgs, out_dir / f"{name}_grids" / f"{key.replace('@', '_')}steps.png", nrow=8,
                                      upscale=max(1, 64 // imgs.shape[-1])))
     return written
 
@@ -809,7 +735,7 @@ SPEED_TABLE = ["pipeline", "steps", "guidance", "scope", "latency_s_median", "la
 
 def write_speed_report(result: dict, out_dir: str | Path, name: str, note: str = "") -> list[Path]:
     out_dir = Path(out_dir)
-    write_json(out_dir / f"{name}.json", result)
+    atomic_write_json(out_dir / f"{name}.json", result)
     proto = result["protocol"]
     lines = [f"# Sampling speed (suite `{proto['suite']}`)\n\n",
              f"Device `{proto['device']}` ({proto['threads']} threads), dtype {proto['dtype']}, batch {proto['batch_size']}, "

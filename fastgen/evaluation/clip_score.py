@@ -40,8 +40,9 @@ _HF_HINT = (
 )
 
 
-def _as_tensor(output: Any) -> torch.Tensor:
-    """Projected features from transformers >=5 (a ``ModelOutput``) or older versions (a tensor)."""
+def as_feature_tensor(output: Any) -> torch.Tensor:
+    """The projected features of a transformers CLIP ``get_image_features``/``get_text_features`` call:
+    a ``ModelOutput`` in transformers >= 5 (its ``pooler_output``), a tensor in older versions."""
     if isinstance(output, torch.Tensor):
         return output
     pooled = getattr(output, "pooler_output", None)
@@ -74,10 +75,10 @@ class _FeatureCLIP(torch.nn.Module):
         return self.clip.config
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _as_tensor(self.clip.get_image_features(pixel_values=pixel_values))
+        return as_feature_tensor(self.clip.get_image_features(pixel_values=pixel_values))
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return _as_tensor(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return as_feature_tensor(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
 class HFCLIPScorer:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastgen.errors import ConfigError, DataError, ModelLoadError
+from fastgen.io import atomic_write_bytes
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_SOURCE = (
@@ -411,14 +412,10 @@ class FID:
 
     def _write_cache(self, path: Path, meta: dict) -> None:
         m = self.metric
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, sum=m.real_features_sum.numpy(), cov_sum=m.real_features_cov_sum.numpy(),
                  n=np.array(int(m.real_features_num_samples)), meta=np.array(json.dumps(meta)))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
 
     @property
     def reference_count(self) -> int:

@@ -13,8 +13,10 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EXPORT_INFO = "fastgen_export.json"
 
 
-def _export_info(folder: Path) -> dict:
-    path = folder / EXPORT_INFO
+def export_info(folder: str | Path) -> dict:
+    """The ``fastgen_export.json`` of an export folder (recommended guidance, resolution, base model...);
+    ``{}`` for a folder without one (e.g. a stock diffusers pipeline)."""
+    path = Path(folder) / EXPORT_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -31,7 +33,7 @@ def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
     if (folder / "model_index.json").is_file():
         return DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True), "pipeline"
     if (folder / LORA_WEIGHTS).is_file():
-        info = _export_info(folder)
+        info = export_info(folder)
         base = info.get("base_model_path") or info.get("base_model")
         if base and not Path(base).is_dir():
             from fastgen.zoo.paths import resolve_model
@@ -58,7 +60,7 @@ def sample_grid(pipe, prompts: list[str], steps: int = 4, guidance: float | None
                 num_images: int = 4, out: str | Path = "samples.png", height: int | None = None,
                 width: int | None = None) -> Path:
     """Generate ``num_images`` per prompt (rows = prompts) with a seeded generator and save one PNG grid."""
-    from fastgen.evaluation.reports import save_grid
+    from fastgen.io import save_image_grid
 
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt",
               "num_images_per_prompt": num_images}
@@ -70,4 +72,4 @@ def sample_grid(pipe, prompts: list[str], steps: int = 4, guidance: float | None
         kwargs["width"] = width
     pipe.set_progress_bar_config(disable=True)
     images = pipe(prompts, **kwargs).images
-    return save_grid(images.float().cpu(), out, nrow=num_images, upscale=max(1, 128 // images.shape[-1]))
+    return save_image_grid(images.float().cpu(), out, nrow=num_images, upscale=max(1, 128 // images.shape[-1]))

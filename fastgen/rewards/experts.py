@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from fastgen.errors import ModelLoadError
-from fastgen.evaluation.clip_score import OpenClipScorer, _as_tensor
+from fastgen.evaluation.clip_score import OpenClipScorer, as_feature_tensor
 from fastgen.evaluation.hps import HPSScorer, hps_preprocess
 from fastgen.rewards.base import RewardModel, register_reward
 
@@ -449,12 +449,12 @@ class PickScoreReward(_CachedTextCosineReward):
     def _encode_texts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        feats = _as_tensor(self.model.get_text_features(
+        feats = as_feature_tensor(self.model.get_text_features(
             input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)))
         return feats / feats.norm(p=2, dim=-1, keepdim=True)
 
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        img = _as_tensor(self.model.get_image_features(pixel_values=pixels))
+        img = as_feature_tensor(self.model.get_image_features(pixel_values=pixels))
         return img / img.norm(p=2, dim=-1, keepdim=True)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,19 @@ from pathlib import Path
 import torch
 
 from fastgen.data import digits as dw
-from fastgen.evaluation.digits_metrics import DigitsEvaluator
 from fastgen.evaluation.bench import sample_pipeline
-from fastgen.evaluation.reports import markdown_table, save_grid, write_json
+from fastgen.evaluation.digits_metrics import DigitsEvaluator
+from fastgen.evaluation.reports import markdown_table
+from fastgen.io import atomic_write_json, atomic_write_text, save_image_grid
 from fastgen.zoo import build as zb
 from fastgen.zoo import paths
+
+
+def shipped_models(root=None) -> list[tuple[str, Path]]:
+    """``(label, path)`` of the shipped digits-world teachers and classifier (``fastgen zoo where``)."""
+    return [("UNet teacher (StableDiffusionPipeline)", paths.sd_teacher(root)),
+            ("DiT teacher (FluxPipeline)", paths.flux_teacher(root)),
+            ("digits classifier", paths.classifier(root))]
 
 
 def load_sd_pipeline(root=None):
@@ -80,7 +88,7 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
     rows["unet_teacher"] = {"pipeline": "StableDiffusionPipeline (DDIM)", "steps": steps, "guidance": zb.UNET_GUIDANCE,
                             **evaluator.score(images, digits, colours).as_dict(), "seconds": round(seconds, 1)}
     gp, nrow = grid_prompts()
-    save_grid(sample_unet_teacher(sd, gp, steps=steps, seed=seed), out_dir / f"{name}_unet_grid.png", nrow, upscale=2)
+    save_image_grid(sample_unet_teacher(sd, gp, steps=steps, seed=seed), out_dir / f"{name}_unet_grid.png", nrow, upscale=2)
 
     flux = load_flux_pipeline(root)
     flux.set_progress_bar_config(disable=True)
@@ -89,7 +97,7 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
     seconds = time.time() - t0
     rows["dit_teacher"] = {"pipeline": "FluxPipeline (flow-matching Euler)", "steps": steps, "guidance": zb.DIT_GUIDANCE,
                            **evaluator.score(images, digits, colours).as_dict(), "seconds": round(seconds, 1)}
-    save_grid(sample_dit_teacher(flux, gp, steps=steps, seed=seed), out_dir / f"{name}_dit_grid.png", nrow)
+    save_image_grid(sample_dit_teacher(flux, gp, steps=steps, seed=seed), out_dir / f"{name}_dit_grid.png", nrow)
 
     rows["vae"] = {"psnr": round(zb.vae_psnr(sd.vae, zb.UNET_RESOLUTION), 2), "resolution": zb.UNET_RESOLUTION,
                    "factor": 4, "split": "test"}
@@ -97,7 +105,7 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
                       "resolution": zb.DIT_RESOLUTION, "factor": 2, "split": "test"}
     rows["classifier"] = {**zb.classifier_accuracy(classifier, "test"), "trained_on": "train split only"}
     result = {**rows, "protocol": protocol}
-    write_json(out_dir / f"{name}.json", result)
+    atomic_write_json(out_dir / f"{name}.json", result)
     table = [{"model": k, **v} for k, v in rows.items() if k.endswith("teacher")]
     md = [
         "# Digits-world teachers\n",
@@ -110,7 +118,5 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
         "\n",
         markdown_table([{"model": "classifier", **rows["classifier"]}], ["model", "digit_accuracy", "colour_accuracy", "samples", "trained_on"]),
     ]
-    from fastgen.evaluation.reports import atomic_write_text
-
     atomic_write_text(out_dir / f"{name}.md", "".join(md))
     return result
