@@ -21,9 +21,11 @@ import sys
 import pytest
 import torch
 
-from fastgen.pipelines import ExportError, ExportExistsError, export_method, read_run_metrics, render_model_card
-from fastgen.trainers.lcd import LCD, LCDConfig
-from tiny_models import make_tiny_sd
+from fastgen.pipelines import ExportError, ExportExistsError, read_run_metrics, render_model_card
+from fastgen.pipelines import writer as pipeline_writer
+from fastgen.trainers.lcd import LCD
+from fastgen.workflows.export import export_method
+from tiny_models import build_method, make_tiny_sd
 
 PROMPTS = ["a photo of a cat", "a blue car parked in the city at night"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
@@ -85,20 +87,20 @@ def teachers(tmp_path_factory):
 
 def _full_method(teachers) -> LCD:
     """A v-prediction full student whose EMA target differs from the teacher, guidance embedding included."""
-    m = LCD(LCDConfig(teacher=str(teachers["sd_v"])))
+    m = build_method(LCD, teacher=str(teachers["sd_v"]))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in m.target.parameters():
+        for p in m.nets.target.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-        m.target.time_embedding.cond_proj.weight.normal_(0.0, 0.05, generator=g)
+        m.nets.target.time_embedding.cond_proj.weight.normal_(0.0, 0.05, generator=g)
     return m
 
 
 def _lora_method(teachers) -> LCD:
-    m = LCD(LCDConfig(teacher=str(teachers["sd"]), lora=True, lora_rank=4, lora_alpha=8, lora_target_modules=LORA_TARGETS))
+    m = build_method(LCD, teacher=str(teachers["sd"]), lora=True, lora_rank=4, lora_alpha=8, lora_target_modules=LORA_TARGETS)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        for n, p in m.student.named_parameters():
+        for n, p in m.nets.student.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return m
@@ -148,10 +150,10 @@ def test_sdxl_export_reproduces_sample(tmp_path):
 
     from tiny_models import make_tiny_sdxl
 
-    m = LCD(LCDConfig(teacher=str(make_tiny_sdxl(tmp_path / "sdxl")), w_min=3.0))
+    m = build_method(LCD, teacher=str(make_tiny_sdxl(tmp_path / "sdxl")), w_min=3.0)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        m.target.time_embedding.cond_proj.weight.normal_(0.0, 0.05, generator=g)
+        m.nets.target.time_embedding.cond_proj.weight.normal_(0.0, 0.05, generator=g)
     out = export_method(m, tmp_path / "xl-lcm")
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -163,7 +165,7 @@ def test_sdxl_export_reproduces_sample(tmp_path):
 
 
 def test_model_card_and_export_json(teachers, tmp_path):
-    m = LCD(LCDConfig(teacher=str(teachers["sd"]), sample_guidance_scale=7.0))
+    m = build_method(LCD, teacher=str(teachers["sd"]), sample_guidance_scale=7.0)
     out = export_method(m, tmp_path / "card", {"metrics": {"digits_fid": 12.5, "hps": 0.25}, "steps": 800})
     card = (out / "README.md").read_text()
     for text in (
@@ -184,7 +186,7 @@ def test_model_card_and_export_json(teachers, tmp_path):
     assert info["unet_weights"] == "ema_target" and info["guidance_scale"] == 7.0
     assert info["metrics"] == {"digits_fid": 12.5, "hps": 0.25} and info["metadata"]["steps"] == 800
 
-    lora = LCD(LCDConfig(teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"], lora_guidance=6.5))
+    lora = build_method(LCD, teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"], lora_guidance=6.5)
     out = export_method(lora, tmp_path / "lora-card")
     card = (out / "README.md").read_text()
     assert "guidance_scale=1.0" in card and "load_lora_weights" in card and "w = 6.5" in card
@@ -196,7 +198,7 @@ def test_model_card_and_export_json(teachers, tmp_path):
 
 
 def test_export_into_existing_folder_errors_unless_overwrite(teachers, tmp_path):
-    m = LCD(LCDConfig(teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"]))
+    m = build_method(LCD, teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"])
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -212,23 +214,23 @@ def test_export_into_existing_folder_errors_unless_overwrite(teachers, tmp_path)
 
 
 def test_failed_export_leaves_nothing_behind(teachers, tmp_path, monkeypatch):
-    m = LCD(LCDConfig(teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"]))
-    real_export = m.export
+    m = build_method(LCD, teacher=str(teachers["sd"]), lora=True, lora_rank=2, lora_target_modules=["to_q"])
+    real_write = pipeline_writer._write_plan
 
-    def broken(folder, metadata=None):
-        real_export(folder, metadata)  # writes the whole folder ...
+    def broken(plan, folder):
+        real_write(plan, folder)  # writes the whole folder ...
         raise RuntimeError("disk full")  # ... then fails at the last moment
 
-    monkeypatch.setattr(m, "export", broken)
+    monkeypatch.setattr(pipeline_writer, "_write_plan", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_method(m, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
     # replacing an existing export: the old one survives a failed overwrite
-    monkeypatch.setattr(m, "export", real_export)
+    monkeypatch.setattr(pipeline_writer, "_write_plan", real_write)
     export_method(m, tmp_path / "out")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    monkeypatch.setattr(m, "export", broken)
+    monkeypatch.setattr(pipeline_writer, "_write_plan", broken)
     with pytest.raises(RuntimeError):
         export_method(m, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
