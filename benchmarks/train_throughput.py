@@ -165,11 +165,11 @@ class CallCounter:
     sizes), all calls of that UNet module, VAE-encoder calls and text-encoder calls.
 
     In LoRA mode the teacher's UNet is also the student and the target; a call is a teacher call when
-    the adapters are disabled (``LCD.adapters_disabled``), which is how ``compute_loss`` runs the teacher."""
+    the adapters are disabled (``ConsistencyStudent.adapters_disabled``), which is how the LCD loss runs the teacher."""
 
     def __init__(self, method) -> None:
         teacher = method.teacher
-        tuners = list(getattr(method, "_tuner_layers", [])) if method.is_lora else []
+        tuners = list(method.nets.lora.layers) if method.nets.is_lora else []
         self.steps: list[dict[str, Any]] = []
         self._cur: dict[str, Any] = self._empty()
 
@@ -553,23 +553,21 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     from fastgen.data.digits import DigitsDataset
+    from fastgen.data.sources import DataConfig, build_latent_cache
+    from fastgen.models.spec import TeacherConfig
     from fastgen.trainers.lcd import LCD, LCDConfig
+    from fastgen.trainers.method import SampleConfig
 
     device = torch.device(spec["device"])
     cache_dir = Path(spec["work_dir"]) / f"cache-{spec['teacher']}-{spec['mode']}"
     t0 = time.perf_counter()
+    data_spec = DataConfig(latent_cache=True, cache_dir=os.fspath(cache_dir))
     method = LCD(
-        LCDConfig(
-            teacher=os.fspath(spec["folder"]),
-            lora=spec["mode"] == "lora",
-            lora_rank=int(spec.get("lora_rank", 64)),
-            lora_alpha=float(spec.get("lora_rank", 64)),
-            teacher_dtype=spec["teacher_dtype"],
-            use_latent_cache=True,
-            cache_dir=os.fspath(cache_dir),
-            eval_samples=0,
-            seed=0,
-        )
+        LCDConfig(lora=spec["mode"] == "lora", lora_rank=int(spec.get("lora_rank", 64)),
+                  lora_alpha=float(spec.get("lora_rank", 64)), seed=0),
+        teacher=TeacherConfig(path=os.fspath(spec["folder"]), dtype=spec["teacher_dtype"]),
+        data=data_spec,
+        sample=SampleConfig(eval_samples=0),
     )
     method.to(device)
     method.train()
@@ -577,13 +575,13 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
     b = int(spec["batch"])
     n_items = b * int(spec["pool_batches"])
-    data = DigitsDataset("train", method.resolution)
+    data = DigitsDataset("train", method.nets.resolution)
     pool = torch.utils.data.Subset(data, list(range(n_items)))
     pixel_batches = [
         _to_device(_collate_pixels([pool[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
     ]
     t0 = time.perf_counter()
-    cache = method.build_cache(pool)
+    cache = build_latent_cache(data_spec, pool, method.teacher, str(Path(spec["folder"]).resolve()), method.nets.resolution)
     cache_build_s = time.perf_counter() - t0
     cached_batches = [
         _to_device(_collate_cached([cache[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
@@ -591,11 +589,11 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
     unet_params = sum(p.numel() for n, p in method.teacher.net.named_parameters() if "lora_" not in n)
     trainable = sum(p.numel() for ps in method.parameter_groups().values() for p in ps)
-    shape = method.teacher.latent_shape(b, method.resolution, method.resolution)
+    shape = method.teacher.latent_shape(b, method.nets.resolution, method.nets.resolution)
     common = {
         "teacher": spec["teacher"],
         "mode": spec["mode"],
-        "resolution": method.resolution,
+        "resolution": method.nets.resolution,
         "latent_shape": list(shape[1:]),
         "teacher_dtype": spec["teacher_dtype"],
         "device": str(device),

@@ -42,7 +42,7 @@ FAST = [
     "train.eval_every=0",
     "train.log_with=none",
     "train.progress=false",
-    "lcd.eval_samples=4",
+    "sample.eval_samples=4",
 ]
 TINY_PX = 16  # the tiny SD teacher's default resolution (8x8 latents, VAE factor 2)
 
@@ -76,7 +76,7 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def train_args(teacher: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "lcd", "--config", RECIPE, f"lcd.teacher={teacher}", f"output_dir={run_dir}", *FAST, *extra]
+    return ["train", "lcd", "--config", RECIPE, f"teacher.path={teacher}", f"output_dir={run_dir}", *FAST, *extra]
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -126,7 +126,7 @@ def test_cli_train_export_sample_full_student(teacher, tmp_path):
     assert text.startswith("method: lcd\n")
     saved = yaml.safe_load(text)
     assert saved["train"]["max_steps"] == 4 and saved["train"]["batch_size"] == 2
-    assert saved["lcd"]["teacher"] == str(teacher) and saved["lcd"]["w_max"] == 4.0  # recipe value kept
+    assert saved["teacher"]["path"] == str(teacher) and saved["lcd"]["w_max"] == 4.0  # recipe value kept
     assert ckpt.read_latest(run_dir / "checkpoints") == "checkpoint-000004"
     state = json.loads((run_dir / "checkpoints" / "checkpoint-000004" / ckpt.STATE_FILE).read_text())
     assert state["method"] == "lcd" and state["step"] == 4 and state["data_position"] == 4
@@ -256,7 +256,7 @@ def test_lcd_ddp_two_processes_end_identical(teacher, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(TESTS / "lcd_ddp_script.py"), str(out), RECIPE,
-        f"lcd.teacher={teacher}", f"output_dir={run_dir}", *FAST, "train.max_steps=3", "train.checkpoint_every=0",
+        f"teacher.path={teacher}", f"output_dir={run_dir}", *FAST, "train.max_steps=3", "train.checkpoint_every=0",
         "lcd.caption_dropout=0.2",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
@@ -305,7 +305,7 @@ def test_cli_export_of_run_without_finished_checkpoint(teacher, tmp_path, capsys
 
     run_dir, out_dir = tmp_path / "run", tmp_path / "export"
     # the run folder as `fastgen train` starts it (config.yaml, method first), killed before any checkpoint
-    cfg, _ = load_run_config(RECIPE, [f"lcd.teacher={teacher}", f"output_dir={run_dir}", *FAST])
+    cfg, _ = load_run_config(RECIPE, [f"teacher.path={teacher}", f"output_dir={run_dir}", *FAST])
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml", header={"method": "lcd"})
     assert (run_dir / "config.yaml").is_file()

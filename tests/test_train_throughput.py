@@ -101,12 +101,13 @@ def test_separate_baseline_with_own_hook(bench):
     """An independent forward hook on the teacher UNet: one call of 2B rows per step, vs two of B rows
     inside separate_cond_uncond; both give the same teacher prediction; the patch is removed on exit."""
     from fastgen.models import Teacher
-    from fastgen.trainers.lcd import LCD, LCDConfig
+    from fastgen.trainers.lcd import LCD
+    from tiny_models import build_method
 
     torch.set_num_threads(1)
-    m = LCD(LCDConfig(teacher="digits-sd", eval_samples=0))
+    m = build_method(LCD, teacher="digits-sd", eval_samples=0)
     teacher = m.teacher
-    r, b = m.resolution, 3
+    r, b = m.nets.resolution, 3
     batch = {"pixels": torch.rand(b, 3, r, r) * 2 - 1, "caption": ["a red handwritten digit seven"] * b}
     opt = bench.make_optimizer(m)
     sizes: list[int] = []

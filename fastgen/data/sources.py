@@ -39,7 +39,7 @@ from fastgen.data.shards import ImageCaptionShards
 from fastgen.data.teacher_samples import load_or_generate
 from fastgen.errors import ConfigError, DataError
 
-__all__ = ["DataConfig", "PromptList", "TeacherLike", "build_dataset", "default_cache_root", "source_kind", "source_prompts"]
+__all__ = ["DataConfig", "PromptList", "TeacherLike", "build_dataset", "build_latent_cache", "default_cache_root", "source_kind", "source_prompts"]
 
 
 @dataclass
@@ -144,7 +144,8 @@ def source_prompts(spec: DataConfig) -> list[str]:
     return digits_world.balanced_captions(spec.num_samples, spec.seed)
 
 
-def _latent_cache(spec: DataConfig, raw: Any, teacher: TeacherLike, teacher_id: str, resolution: int) -> CachedDataset:
+def build_latent_cache(spec: DataConfig, raw: Any, teacher: TeacherLike, teacher_id: str, resolution: int) -> CachedDataset:
+    """Encode ``raw`` (pixels + captions) once with ``teacher`` into the latent cache of ``spec`` and return it."""
     key = cache_key("lcd-latents-v1", teacher_id, resolution, spec.source)
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_root() / "lcd-latents" / key[:16]
     device = getattr(teacher, "device", torch.device("cpu"))
@@ -216,7 +217,7 @@ def build_dataset(
     if spec.latent_cache:
         if teacher is None:
             raise ConfigError("data.latent_cache=true needs a method with a teacher to encode the data")
-        return _latent_cache(spec, raw, teacher, teacher_id, resolution)
+        return build_latent_cache(spec, raw, teacher, teacher_id, resolution)
     if isinstance(raw, torch.utils.data.IterableDataset):
         raise DataError(
             f"data.source '{spec.source}' is a stream of webdataset shards without a length, but the trainer needs a "
