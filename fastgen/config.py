@@ -36,7 +36,6 @@ import dataclasses
 import difflib
 import enum
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from fastgen.errors import ConfigError
+from fastgen.io import atomic_write_text
 
 __all__ = [
     "load_config",
@@ -742,7 +742,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(
     cfg: Any, path: str | os.PathLike[str], *, header: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file + :func:`os.replace`).
+    """Write ``cfg`` as YAML to ``path`` atomically (:func:`fastgen.io.atomic_write_text`).
 
     Args:
         cfg: dataclass instance.
@@ -759,19 +759,6 @@ def save_config(
         )
     data.update(body)
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(dest, text)
     return dest

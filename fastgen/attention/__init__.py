@@ -29,6 +29,7 @@ from .mask import (
     unpermute_tokens,
     validate_clear_config,
     window_count,
+    window_info,
 )
 
 _LAZY = {
@@ -78,4 +79,5 @@ __all__ = [
     "unpermute_tokens",
     "validate_clear_config",
     "window_count",
+    "window_info",
 ]

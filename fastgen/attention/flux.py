@@ -33,6 +33,7 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,11 +54,15 @@ __all__ = [
     "ClearGrid",
     "RecordingFluxAttnProcessor",
     "SUPPORTED_ATTENTION_CLASSES",
+    "TRAINABLE_PATTERNS",
+    "aligned_processor_names",
     "apply_clear",
     "clear_grid",
     "current_clear_grid",
     "flux_processor_names",
     "grid_from_img_ids",
+    "is_trainable_name",
+    "recording",
 ]
 
 #: Attention module classes whose processors :func:`apply_clear` can replace.
@@ -586,3 +591,36 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
                 return_dict=return_dict,
                 controlnet_blocks_repeat=controlnet_blocks_repeat,
             )
+
+
+# --------------------------------------------------------------------------- distilling into CLEAR
+
+#: Parameter-name fragments of the tensors a CLEAR student trains (image-stream attention projections,
+#: pooling weights); everything else of the transformer stays the teacher's.
+TRAINABLE_PATTERNS: tuple[str, ...] = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.", "spatial_weight")
+
+
+def is_trainable_name(name: str) -> bool:
+    """Whether a CLEAR student parameter trains (image-stream attention projections, pooling weights)."""
+    return any(p in name for p in TRAINABLE_PATTERNS)
+
+
+def aligned_processor_names(names: list[str], every: int) -> list[str]:
+    """Single-stream processors whose index in ``names`` (double blocks first) is divisible by ``every``
+    (CLEAR aligns every 4th: single blocks 1, 5, ..., 37 of FLUX.1-dev)."""
+    if every <= 0:
+        return []
+    return [n for i, n in enumerate(names) if i % every == 0 and n.startswith("single_transformer_blocks.")]
+
+
+@contextlib.contextmanager
+def recording(processors: list) -> Iterator[None]:
+    """Record the attention outputs of ``processors`` (RecordingFluxAttnProcessor / ClearFluxAttnProcessor)
+    inside this block; nothing stays recorded afterwards."""
+    for p in processors:
+        p.record, p.last_output = True, None
+    try:
+        yield
+    finally:
+        for p in processors:
+            p.record, p.last_output = False, None

@@ -379,3 +379,19 @@ def executed_block_fraction(height, width, text_len, radius, block=128, order="r
     occ = block_occupancy(height, width, text_len, radius, block=block, order=order, tile=tile, down_factor=down_factor)
     n = int(text_len) + int(height) * int(width)
     return int(occ.sum().item()) * int(block) ** 2 / (n * n)
+
+
+def window_info(height: int, width: int, text_len: int, radius: int, down_factor: int = 1) -> dict:
+    """Window size and attention-FLOP fraction of a CLEAR pattern on a ``height x width`` token grid
+    (what exports and reports state about a CLEAR model)."""
+    ff = flop_fraction(height, width, text_len, radius, down_factor)
+    k = window_count(radius)
+    return {
+        "grid": [height, width],
+        "image_tokens": height * width,
+        "text_tokens": text_len,
+        "window_tokens": k,
+        "window_fraction": round(k / (height * width), 6),
+        "mean_image_window": round(float(ff["mean_image_window"]), 3),
+        "attention_flop_fraction": round(float(ff["ideal"]), 6),
+    }

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastgen.errors import DataError
+from fastgen.io import atomic_folder
 
 __all__ = ["EmbeddingCache", "CachedDataset", "cache_key", "INDEX_FILE"]
 
@@ -205,31 +205,13 @@ class EmbeddingCache:
 
         self.root.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_builds()
-        tmp = self.root.parent / f".{self.root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        # written into .<root>.building-<pid>-<id>, renamed into place when every shard and the index are on disk
+        with atomic_folder(self.root, tag="building") as tmp:
             index = self._encode_into(
                 tmp, dataset, encode_images, encode_text, batch_size, key, items_per_shard, dtype, num_workers
             )
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
-            self._publish(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return CachedDataset(self.root, key=key)
-
-    def _publish(self, tmp: Path) -> None:
-        """Move the finished build into place (one rename; old contents moved aside first)."""
-        trash = None
-        if self.root.exists():
-            try:
-                self.root.rmdir()  # empty folder: nothing to keep
-            except OSError:
-                trash = self.root.parent / f".{self.root.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(self.root, trash)
-        os.rename(tmp, self.root)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
 
     def _encode_into(
         self,

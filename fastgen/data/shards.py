@@ -35,6 +35,7 @@ from fastgen.data.folders import (
     resize_center_crop,
 )
 from fastgen.errors import DataError
+from fastgen.io import atomic_file
 
 try:  # pragma: no branch
     from webdataset.tariterators import group_by_keys as _wds_group_by_keys
@@ -417,7 +418,7 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     paths: list[str] = []
     tar: tarfile.TarFile | None = None
-    tmp_path: Path | None = None
+    writing = None  # the open fastgen.io.atomic_file context of the current shard
     count = 0
 
     def add(name: str, data: bytes) -> None:
@@ -429,13 +430,12 @@ def write_shards(
         tar.addfile(info, io.BytesIO(data))
 
     def close() -> None:
-        nonlocal tar, tmp_path
-        if tar is not None and tmp_path is not None:
+        nonlocal tar, writing
+        if tar is not None and writing is not None:
             tar.close()
-            final = tmp_path.with_name(tmp_path.name[: -len(".tmp")])
-            os.replace(tmp_path, final)
-            paths.append(str(final))
-        tar, tmp_path = None, None
+            writing[0].__exit__(None, None, None)  # fsync + rename into place
+            paths.append(str(writing[1]))
+        tar, writing = None, None
 
     try:
         for item in items:
@@ -446,8 +446,10 @@ def write_shards(
                 key = None
             if count % per_shard == 0:
                 close()
-                tmp_path = out / f"{prefix}-{len(paths):06d}.tar.tmp"
-                tar = tarfile.open(tmp_path, mode="w")
+                final = out / f"{prefix}-{len(paths):06d}.tar"
+                ctx = atomic_file(final)
+                writing = (ctx, final)
+                tar = tarfile.open(ctx.__enter__(), mode="w")
             key = key or f"{count:09d}"
             add(f"{key}.{image_format}", _image_bytes(image, image_format))
             if caption is not None:
@@ -457,10 +459,10 @@ def write_shards(
                     add(f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
             count += 1
         close()
-    except BaseException:
+    except BaseException as exc:
         if tar is not None:
             tar.close()
-        if tmp_path is not None and tmp_path.exists():
-            tmp_path.unlink()
+        if writing is not None:
+            writing[0].__exit__(type(exc), exc, exc.__traceback__)  # removes the temp file
         raise
     return paths

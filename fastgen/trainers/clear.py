@@ -25,9 +25,9 @@ prompt, so the student also trains on the empty prompt with probability ``captio
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +35,9 @@ from typing import Any, Literal
 import torch
 from diffusers import FluxPipeline
 
-from fastgen.attention import flop_fraction, validate_clear_config, window_count
-from fastgen.attention.flux import ClearFluxTransformer2DModel, RecordingFluxAttnProcessor
+from fastgen.attention import validate_clear_config, window_info
+from fastgen.attention.flux import TRAINABLE_PATTERNS, ClearFluxTransformer2DModel, RecordingFluxAttnProcessor
+from fastgen.attention.flux import aligned_processor_names, is_trainable_name, recording
 from fastgen.data.sources import build_dataset
 from fastgen.data.teacher_samples import generate_with_pipeline
 from fastgen.errors import ConfigError, DataError, ModelLoadError
@@ -50,10 +51,6 @@ from fastgen.trainers.method import Method, StepOutput, register_method
 from fastgen.zoo import paths as zoo_paths
 
 __all__ = ["Clear", "ClearConfig", "TRAINABLE_PATTERNS", "aligned_processor_names", "is_trainable_name"]
-
-#: Parameter-name fragments of the trainable tensors (CLEAR's selection).
-TRAINABLE_PATTERNS: tuple[str, ...] = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.", "spatial_weight")
-
 
 @dataclass
 class ClearConfig:
@@ -95,18 +92,6 @@ class ClearConfig:
             raise ConfigError(f"clear.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
-def is_trainable_name(name: str) -> bool:
-    """Whether a student parameter trains (image-stream attention projections, pooling weights)."""
-    return any(p in name for p in TRAINABLE_PATTERNS)
-
-
-def aligned_processor_names(names: list[str], every: int) -> list[str]:
-    """Single-stream processors whose index in ``names`` (double blocks first) is divisible by ``every``."""
-    if every <= 0:
-        return []
-    return [n for i, n in enumerate(names) if i % every == 0 and n.startswith("single_transformer_blocks.")]
-
-
 @register_method
 class Clear(Method):
     """CLEAR attention distillation; see the module docstring for the algorithm."""
@@ -137,8 +122,6 @@ class Clear(Method):
         names = list(student.attn_processors)
         self.aligned = aligned_processor_names(names, cfg.align_every) if cfg.attn_weight > 0 else []
         if cfg.attn_weight > 0 and not self.aligned:
-            import warnings
-
             warnings.warn(f"clear.align_every={cfg.align_every} selects no single-stream block among the {len(names)} attention "
                           "processors of this teacher, so L_attn is 0; lower align_every (e.g. 2) to align some blocks")
         if self.aligned:
@@ -219,25 +202,13 @@ class Clear(Method):
                 del self._embed_cache[key]
         return PromptEmbeds.concat([self._embed_cache[(p, str(device))] for p in prompts])
 
-    @contextlib.contextmanager
-    def recording(self):
-        """Record the attention outputs of the aligned layers (teacher and student) inside this block."""
-        procs = [self.student.attn_processors[n] for n in self.aligned] + [self.teacher.net.attn_processors[n] for n in self.aligned]
-        for p in procs:
-            p.record, p.last_output = True, None
-        try:
-            yield
-        finally:
-            for p in procs:
-                p.record, p.last_output = False, None
-
     def compute_loss(self, latents: torch.Tensor, embeds: PromptEmbeds, sigma: torch.Tensor, noise: torch.Tensor) -> dict[str, Any]:
         """The CLEAR loss for explicit randomness (``sigma`` [B], ``noise`` like ``latents``)."""
         cfg, x0 = self.config, latents.float()
         s = sigma.to(device=x0.device, dtype=x0.dtype).view(-1, 1, 1, 1)
         x_t = (1.0 - s) * x0 + s * noise.to(x0)
         g = self.guidance if self.guidance_mode == "embedded" else None
-        with self.recording():
+        with recording([net.attn_processors[n] for net in (self.teacher.net, self.student) for n in self.aligned]):
             with torch.no_grad(), torch.autocast(device_type=x0.device.type, enabled=False):
                 v_teacher = self.teacher.forward(x_t, sigma, embeds, guidance_embed=g).float()
             t_attn = [self.teacher.net.attn_processors[n].pop_output() for n in self.aligned]
@@ -303,12 +274,7 @@ class Clear(Method):
 
     def attention_info(self) -> dict[str, Any]:
         """Window size and attention-FLOP fractions of this run's CLEAR pattern at its resolution."""
-        (h, w), cfg = self.grid, self.config
-        ff = flop_fraction(h, w, self.max_sequence_length, int(cfg.radius), int(cfg.down_factor))
-        k = window_count(int(cfg.radius))
-        return {"grid": [h, w], "image_tokens": h * w, "text_tokens": self.max_sequence_length, "window_tokens": k,
-                "window_fraction": round(k / (h * w), 6), "mean_image_window": round(float(ff["mean_image_window"]), 3),
-                "attention_flop_fraction": round(float(ff["ideal"]), 6)}
+        return window_info(*self.grid, self.max_sequence_length, int(self.config.radius), int(self.config.down_factor))
 
     def export_plan(self) -> ExportPlan:
         """The teacher's ``FluxPipeline`` folder with the student as ``ClearFluxTransformer2DModel``."""
