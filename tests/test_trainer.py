@@ -363,12 +363,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# about 10 s (two process start-ups): part of the default suite
-def test_ddp_two_processes_average_gradients_over_sharded_data(tmp_path, monkeypatch):
-    train = {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 2, "checkpoint_every": 2, "sample_every": 2, "eval_every": 2}
-    toy = {"dropout": 0.0, "input_noise": 0.0, "record": True, "num_items": 48}
-    recipe = write_recipe(tmp_path / "ddp.yaml", tmp_path / "ddp", train, toy)
-    out = tmp_path / "ddp-out"
+def launch_ddp(recipe: Path, out: Path):
+    """Train ``recipe`` with ``accelerate launch`` on 2 CPU processes (gloo); per rank: final weights, what it saw."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -378,8 +374,18 @@ def test_ddp_two_processes_average_gradients_over_sharded_data(tmp_path, monkeyp
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     from safetensors.torch import load_file
 
-    w0, w1 = (load_file(str(out / f"weights-rank{i}.safetensors")) for i in (0, 1))
-    seen0, seen1 = (json.loads((out / f"seen-rank{i}.json").read_text()) for i in (0, 1))
+    weights = [load_file(str(out / f"weights-rank{i}.safetensors")) for i in (0, 1)]
+    seen = [json.loads((out / f"seen-rank{i}.json").read_text()) for i in (0, 1)]
+    return weights[0], weights[1], seen[0], seen[1]
+
+
+# about 10 s (two process start-ups): part of the default suite
+def test_ddp_two_processes_average_gradients_over_sharded_data(tmp_path, monkeypatch):
+    train = {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 2, "checkpoint_every": 2, "sample_every": 2, "eval_every": 2}
+    toy = {"dropout": 0.0, "input_noise": 0.0, "record": True, "num_items": 48}
+    recipe = write_recipe(tmp_path / "ddp.yaml", tmp_path / "ddp", train, toy)
+    out = tmp_path / "ddp-out"
+    w0, w1, seen0, seen1 = launch_ddp(recipe, out)
     assert seen0["world_size"] == seen1["world_size"] == 2
     assert max_diff(w0, w1) == 0.0  # ranks end identical
     for a, b in zip(seen0["seen"], seen1["seen"]):
@@ -408,17 +414,7 @@ def test_ddp_two_processes_prompt_only_method(tmp_path):
     recipe = write_recipe(tmp_path / "ddp-p.yaml", tmp_path / "ddp-p", train, toy, "toy-prompts",
                           data={"source": "prompts", "num_samples": 32})
     out = tmp_path / "ddp-p-out"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(TESTS / "ddp_train_script.py"), str(recipe), str(out),
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    from safetensors.torch import load_file
-
-    w0, w1 = (load_file(str(out / f"weights-rank{i}.safetensors")) for i in (0, 1))
-    seen0, seen1 = (json.loads((out / f"seen-rank{i}.json").read_text()) for i in (0, 1))
+    w0, w1, seen0, seen1 = launch_ddp(recipe, out)
     assert seen0["world_size"] == 2 and max_diff(w0, w1) == 0.0
     assert all(not set(a) & set(b) for a, b in zip(seen0["seen"], seen1["seen"]))
     glob = run_inprocess(tmp_path, "p-global", {**train, "batch_size": 8}, toy, method="toy-prompts",

@@ -14,6 +14,19 @@ _CONSISTENCY_TRAINING = (
 _CLEAR_TRAINING = ("radius", "down_factor", "caption_dropout", "fm_weight", "kd_weight", "attn_weight", "align_every")
 
 
+def _described(info: dict[str, Any], guidance: str, weights: str, usage: str, training_keys: tuple[str, ...]) -> dict[str, Any]:
+    """The card entries every export kind fills the same way."""
+    return {
+        "guidance": guidance,
+        "weights": weights,
+        "resolution": info["resolution"],
+        "metrics": info.get("metrics") or {},
+        "metadata": info.get("metadata") or {},
+        "usage": usage,
+        "training": {k: v for k, v in info["config"].items() if k in training_keys},
+    }
+
+
 def consistency_card(info: dict[str, Any]) -> dict[str, Any]:
     """Card of a consistency student (LCD, RG-LCD, SCott): a full pipeline with an LCMScheduler, or LoRA weights."""
     cfg = info["config"]
@@ -70,13 +83,7 @@ def consistency_card(info: dict[str, Any]) -> dict[str, Any]:
             f"timestep_scaling={info['timestep_scaling']:g})"
         ),
         "steps": f"{steps} (LCMScheduler accepts 1 to {info['original_inference_steps']})",
-        "guidance": guidance,
-        "weights": weights,
-        "resolution": res,
-        "metrics": info.get("metrics") or {},
-        "metadata": info.get("metadata") or {},
-        "usage": usage,
-        "training": {k: v for k, v in cfg.items() if k in _CONSISTENCY_TRAINING},
+        **_described(info, guidance, weights, usage, _CONSISTENCY_TRAINING),
         "tags": ["fastgen", "lcm", "latent-consistency", "distillation"] + (["lora"] if lora else []),
     }
 
@@ -123,12 +130,6 @@ def clear_card(info: dict[str, Any]) -> dict[str, Any]:
         "pipeline_class": info["pipeline_class"],
         "scheduler": f"{info['scheduler']} (the teacher's)",
         "steps": steps,
-        "guidance": guidance,
-        "weights": weights,
-        "resolution": res,
-        "metrics": info.get("metrics") or {},
-        "metadata": info.get("metadata") or {},
-        "usage": usage,
-        "training": {k: v for k, v in info["config"].items() if k in _CLEAR_TRAINING},
+        **_described(info, guidance, weights, usage, _CLEAR_TRAINING),
         "tags": ["fastgen", "clear", "local-attention", "distillation", "flux"],
     }

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.losses import PREFERENCE_PAIRS, label_aware_info_nce
+from fastgen.losses import pairwise_preference_kl as pairwise_preference_loss
 from fastgen.errors import ConfigError, DataError, FastgenError, ModelLoadError
 from fastgen.rewards.base import RewardModel
 
@@ -63,7 +65,7 @@ __all__ = [
 MAX_LOGIT_SCALE = math.log(100.0)
 
 #: Candidate pairs compared by the alignment loss: (student, target), (student, real), (target, real).
-PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+PAIRS: tuple[tuple[int, int], ...] = PREFERENCE_PAIRS
 
 #: Index of the real data latent among the three candidates.
 REAL = 2
@@ -499,19 +501,6 @@ class LatentRewardModel(RewardModel):
 # --------------------------------------------------------------------------- contrastive pre-training
 
 
-def label_aware_info_nce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP InfoNCE where every pair with the same label is a positive.
-
-    ``logits[i, j]`` scores latent ``i`` against caption ``j``; the target of each row (latent ->
-    captions) and of each column (caption -> latents) is uniform over the items of its class.
-    """
-    pos = (labels[:, None] == labels[None, :]).to(logits.dtype)
-    target = pos / pos.sum(1, keepdim=True)
-    img_to_txt = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-    txt_to_img = -(target * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-    return 0.5 * (img_to_txt + txt_to_img)
-
-
 @dataclass
 class LRMPretrainConfig:
     """Contrastive pre-training of an LRM on a teacher's latents (:func:`pretrain_lrm`).
@@ -704,40 +693,6 @@ def pretrain_lrm(config: LRMPretrainConfig) -> Path:
 
 
 # --------------------------------------------------------------------------- online alignment
-
-
-def pairwise_preference_loss(expert_logits: torch.Tensor, lrm_logits: torch.Tensor,
-                             smooth_gt_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL between the expert's and the LRM's pairwise preferences over three candidates.
-
-    Args:
-        expert_logits: ``[B, 3]`` expert rewards times its preference scale (no gradient taken).
-        lrm_logits: ``[B, 3]`` LRM logits; candidates are (student, target, real).
-        smooth_gt_label: for the pairs with the real latent, where the expert prefers the
-            generated candidate, use the target (0.5, 0.5) instead.
-
-    Returns:
-        ``(loss, agreement)``: ``sum over PAIRS of KL(p || q)`` (batch mean) with ``p`` the expert's
-        two-way softmax and ``q`` the LRM's; and the fraction of (row, pair) where the sign of the
-        expert's difference equals that of the LRM's.
-    """
-    if expert_logits.shape != lrm_logits.shape or expert_logits.ndim != 2 or expert_logits.shape[1] != 3:
-        raise DataError(f"pairwise_preference_loss takes expert and LRM logits of shape [B, 3], got "
-                        f"{_shape_str(expert_logits.shape)} and {_shape_str(lrm_logits.shape)}")
-    e = expert_logits.detach().float().to(lrm_logits.device)
-    s = lrm_logits.float()
-    loss = s.new_zeros(())
-    agree = []
-    for i, j in PAIRS:
-        p = torch.softmax(torch.stack([e[:, i], e[:, j]], 1), 1)
-        if smooth_gt_label and j == REAL:
-            gen_better = (e[:, i] > e[:, j])[:, None]
-            p = torch.where(gen_better, torch.full_like(p, 0.5), p)
-        log_q = F.log_softmax(torch.stack([s[:, i], s[:, j]], 1), 1)
-        loss = loss + F.kl_div(log_q, p, reduction="batchmean")
-        same = torch.sign(e[:, i] - e[:, j]) == torch.sign(s[:, i] - s[:, j]).detach()
-        agree.append(same.float().mean())
-    return loss, torch.stack(agree).mean()
 
 
 def teacher_decoder(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:
