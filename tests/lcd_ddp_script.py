@@ -6,7 +6,7 @@ Builds the LCD run exactly as ``fastgen train`` does (``fastgen.trainers.engine.
 run folder, method seeded with train.seed, Trainer with the parameter broadcast from rank 0), then
 every rank writes the method's checkpoint state (student + EMA target) before and after training:
 OUT_DIR/initial-rank<r>.safetensors and OUT_DIR/rank<r>.safetensors, plus OUT_DIR/info-rank<r>.json.
-(``fastgen.trainers.engine.run.main`` returns only an exit code, and only rank 0 writes checkpoints, so the
+(``fastgen.workflows.train.main`` returns only an exit code, and only rank 0 writes checkpoints, so the
 trainer object is needed to read every rank's own weights.)
 """
 

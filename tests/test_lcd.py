@@ -453,3 +453,16 @@ def test_evaluate_scores_digits_samples(folders, monkeypatch):
     assert scores["samples"] == 20 and scores["eval_steps"] == 2
     assert {"digit_accuracy", "colour_accuracy", "digits_fid", "digits_fid_floor"} <= set(scores)
     assert all(isinstance(v, (int, float)) for v in scores.values())
+
+
+def test_vae_posterior_sample_is_an_option(folders):
+    """data.vae_sample: a fresh posterior sample per step (the LCD scripts); the default is the mean."""
+    m = build_method(LCD, {"data": {"vae_sample": True}}, teacher=str(folders("sd")))
+    b = pixel_batch(m, 2)
+    a, _ = m.nets.encode_batch(b, vae_sample=True)
+    c, _ = m.nets.encode_batch(b, vae_sample=True)
+    mean1, _ = m.nets.encode_batch(b)
+    mean2, _ = m.nets.encode_batch(b)
+    assert torch.equal(mean1, mean2) and not torch.equal(a, c)
+    with pytest.raises(ConfigError, match="vae_sample"):
+        build_method(LCD, {"data": {"vae_sample": True, "latent_cache": True}}, teacher=str(folders("sd")))

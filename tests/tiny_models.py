@@ -459,10 +459,11 @@ def random_images(n: int, height: int, width: int, seed: int = 1) -> torch.Tenso
     return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def build_method(method_cls, **options):
+def build_method(method_cls, sections: dict | None = None, **options):
     """A method built through the run-config path from flat options: the method's own fields and the
     shared sections' fields under their old flat names (``teacher``, ``resolution``, ``dataset``,
-    ``sample_steps`` ...), as :func:`fastgen.trainers.engine.run.migrate_recipe` maps them."""
+    ``sample_steps`` ...), as :func:`fastgen.trainers.engine.run.migrate_recipe` maps them; ``sections``
+    gives shared-section values by their new names (``{"data": {"vae_sample": True}}``)."""
     import warnings
 
     from fastgen.config import load_config
@@ -472,5 +473,7 @@ def build_method(method_cls, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         data = migrate_recipe({section: dict(options)}, method_cls)
+    for name, values in (sections or {}).items():
+        data.setdefault(name, {}).update(values)
     cfg = load_config(run_config_class(method_cls), None, base=data)
     return build(cfg, method_cls)

@@ -5,10 +5,12 @@ step at an iteration, one loss per group); the :class:`Trainer` does everything 
 
 * accelerate: device placement, mixed precision (``accelerator.autocast()`` and, for fp16 on a
   GPU, accelerate's grad scaler), multi-process runs started with ``accelerate launch``;
-* one AdamW optimizer + LR schedule per parameter group; gradient accumulation;
+* one optimizer + LR schedule per parameter group from its spec (:mod:`.optim`: class, betas, eps,
+  weight decay, clipping, a schedule counted in the group's own updates); gradient accumulation;
 * gradient clipping with a NaN/Inf guard (skip the step, count, abort after N in a row);
 * deterministic, resumable data order (:class:`ShardedBatchSampler`);
-* tqdm progress, tensorboard/wandb scalars, sample grids, periodic ``method.evaluate``;
+* tqdm progress, tensorboard/wandb scalars, sample grids, a periodic evaluator given from outside
+  (``evaluator(method, step)``; ``fastgen train`` passes the digits-world evaluator);
 * atomic checkpoints (:mod:`fastgen.trainers.engine.checkpoint`) and exact resume.
 
 Conventions
@@ -110,7 +112,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     #: write samples/step-XXXXXX.png every N iterations (0: never)
     sample_every: int = 0
-    #: call ``method.evaluate(step)`` every N iterations and append its dict to metrics.jsonl (0: never)
+    #: call the evaluator every N iterations and append its dict to metrics.jsonl (0: never)
     eval_every: int = 0
     log_every: int = 10
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
@@ -282,13 +284,12 @@ class Trainer:
         config: the ``train`` section.
         run_dir: the run folder (checkpoints/, samples/, logs/, metrics.jsonl).
         accelerator: an existing ``Accelerator`` (default: :func:`make_accelerator`).
+        evaluator: ``evaluator(method, step) -> dict`` run every ``eval_every`` iterations (main process);
+            None: no evaluation rows.
 
-    Optional method hooks (duck-typed, not part of the base class):
-        ``method.evaluate(step) -> dict[str, float]`` (main process, every ``eval_every``),
-        ``method.default_sample_prompts`` (list or callable) for sample grids.
-    ``method.sample`` gets a ``torch.Generator`` on the accelerator device, seeded with
-    ``sample_seed``; sampling and evaluation run on the main process, in eval mode, under
-    ``torch.no_grad()``, and leave the training RNG streams untouched.
+    Sample grids use ``method.sample_settings()`` (prompts, steps, seed); ``method.sample`` gets a
+    ``torch.Generator`` on the accelerator device seeded with that seed. Sampling and evaluation run on
+    the main process, in eval mode, under ``torch.no_grad()``, and leave the training RNG streams untouched.
     """
 
     def __init__(
