@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
 import sys
 import time
@@ -76,11 +77,15 @@ def _export(args) -> int:
 
 
 def _sample(args) -> int:
-    from fastgen.pipelines.sampling import load_exported, sample_grid
+    from fastgen.pipelines.sampling import export_call_kwargs, export_info, load_exported, sample_grid
 
     pipe, kind = load_exported(args.folder)
-    path = sample_grid(pipe, args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                       num_images=args.num_images, out=args.out, height=args.height, width=args.width)
+    info = export_info(Path(args.folder))
+    guidance = args.guidance if args.guidance is not None else info.get("guidance_scale")
+    height = args.height or info.get("resolution")
+    path = sample_grid(pipe, args.prompt, steps=args.steps, guidance=guidance, seed=args.seed,
+                       num_images=args.num_images, out=args.out, height=height, width=args.width or height,
+                       extra=export_call_kwargs(info, len(args.prompt)))
     print(f"{kind}: {len(args.prompt) * args.num_images} images, {args.steps} steps -> {path}")
     return 0
 

@@ -440,6 +440,9 @@ def test_export_round_trip_in_a_fresh_process(flux_folder, tmp_path):
     assert info["window_tokens"] == window_count(2) == 9 and info["window_fraction"] == 9 / 16
     assert (info["guidance_scale"], info["true_cfg_scale"], info["negative_prompt"]) == (1.0, 3.0, "")
     assert "import fastgen" in (out / "README.md").read_text()
+    from fastgen.pipelines.sampling import export_call_kwargs  # what `fastgen sample` adds to the pipeline call
+
+    assert export_call_kwargs(info, 2) == {"max_sequence_length": 8, "true_cfg_scale": 3.0, "negative_prompt": ["", ""]}
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(

@@ -55,15 +55,28 @@ def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
     )
 
 
+def export_call_kwargs(info: dict, num_prompts: int) -> dict:
+    """Pipeline-call arguments an export's ``fastgen_export.json`` prescribes beyond steps and guidance:
+    the text length of T5-style encoders and true CFG against the empty prompt (CLEAR exports of Flux teachers)."""
+    kwargs: dict = {}
+    if info.get("max_sequence_length"):
+        kwargs["max_sequence_length"] = int(info["max_sequence_length"])
+    if float(info.get("true_cfg_scale") or 1.0) > 1.0:
+        kwargs["true_cfg_scale"] = float(info["true_cfg_scale"])
+        kwargs["negative_prompt"] = [info.get("negative_prompt") or ""] * num_prompts
+    return kwargs
+
+
 @torch.no_grad()
 def sample_grid(pipe, prompts: list[str], steps: int = 4, guidance: float | None = None, seed: int = 0,
                 num_images: int = 4, out: str | Path = "samples.png", height: int | None = None,
-                width: int | None = None) -> Path:
-    """Generate ``num_images`` per prompt (rows = prompts) with a seeded generator and save one PNG grid."""
+                width: int | None = None, extra: dict | None = None) -> Path:
+    """Generate ``num_images`` per prompt (rows = prompts) with a seeded generator and save one PNG grid;
+    ``extra``: further pipeline-call arguments (see :func:`export_call_kwargs`)."""
     from fastgen.io import save_image_grid
 
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt",
-              "num_images_per_prompt": num_images}
+              "num_images_per_prompt": num_images, **(extra or {})}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     if height:
