@@ -29,10 +29,17 @@ import torch
 
 from fastgen.errors import ConfigError
 from fastgen.models.lora import DEFAULT_UNET_TARGETS
-from fastgen.trainers.consistency import ConsistencyMethod, consistency_distillation_loss, consistency_setup, drop_captions
+from fastgen.models.teacher import PromptEmbeds
+from fastgen.trainers.consistency import (
+    ConsistencyMethod,
+    ConsistencyStudent,
+    consistency_distillation_loss,
+    consistency_setup,
+    drop_captions,
+)
 from fastgen.trainers.method import StepOutput, register_method
 
-__all__ = ["LCD", "LCDConfig"]
+__all__ = ["LCD", "LCDConfig", "lcd_step"]
 
 
 @dataclass
@@ -96,6 +103,27 @@ class LCDConfig:
                 raise ConfigError(message)
 
 
+def lcd_step(nets: ConsistencyStudent, cfg: LCDConfig, latents: torch.Tensor, embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
+    """One LCD step's loss on encoded latents and prompt embeddings; RG-LCD and SCott compose it.
+
+    Returns :func:`~fastgen.trainers.consistency.consistency_distillation_loss`'s dict plus the drawn ``w``.
+    """
+    b, device = latents.shape[0], latents.device
+    # 1. caption dropout (the unconditional branch the student may also be asked for)
+    if cfg.caption_dropout > 0:
+        drop = torch.rand(b) < cfg.caption_dropout
+        if bool(drop.any()):
+            embeds = drop_captions(embeds, nets.uncond(device), drop)
+    # 2. randomness of the step: skip-grid index, noise, guidance w
+    index = torch.randint(0, cfg.num_ddim_timesteps, (b,)).to(device)
+    noise = torch.randn_like(latents)
+    w = nets.guidance(b, device)
+    # 3. the consistency-distillation loss (guided teacher DDIM step, student vs EMA target)
+    out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c)
+    out["w"] = w
+    return out
+
+
 @register_method
 class LCD(ConsistencyMethod):
     """Latent Consistency Distillation; see the module docstring for the algorithm."""
@@ -108,22 +136,10 @@ class LCD(ConsistencyMethod):
         self.nets = consistency_setup(self, "LCD")
 
     def train_step(self, batch: dict[str, Any], step: int) -> StepOutput:
-        nets, cfg = self.nets, self.config
-        latents, embeds = nets.encode_batch(batch, self.data_config.vae_sample)
-        b, device = latents.shape[0], latents.device
-        # 1. caption dropout (the unconditional branch the student may also be asked for)
-        if cfg.caption_dropout > 0:
-            drop = torch.rand(b) < cfg.caption_dropout
-            if bool(drop.any()):
-                embeds = drop_captions(embeds, nets.uncond(device), drop)
-        # 2. randomness of the step: grid index, noise, guidance w
-        index = torch.randint(0, cfg.num_ddim_timesteps, (b,)).to(device)
-        noise = torch.randn_like(latents)
-        w = nets.guidance(b, device)
-        # 3. the consistency-distillation loss (teacher DDIM step, student vs EMA target)
-        out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c)
+        latents, embeds = self.nets.encode_batch(batch, self.data_config.vae_sample)
+        out = lcd_step(self.nets, self.config, latents, embeds)
         loss = out["loss"]
         return StepOutput(
             losses={"student": loss},
-            logs={"loss": float(loss.detach()), "t_mean": float(out["t_start"].float().mean()), "w_mean": float(w.mean())},
+            logs={"loss": float(loss.detach()), "t_mean": float(out["t_start"].float().mean()), "w_mean": float(out["w"].mean())},
         )

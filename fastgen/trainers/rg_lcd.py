@@ -1,8 +1,8 @@
 """Reward-guided LCD (RG-LCD): LCD's loss plus ``-beta * reward`` of the student's one-step output.
 
-One iteration, composing LCD's loss (:func:`~fastgen.trainers.consistency.consistency_distillation_loss`)::
+One iteration, composing LCD's loss (:func:`fastgen.trainers.lcd.lcd_step`)::
 
-    (L_LCD, zhat, z_target) = consistency_distillation_loss(student, EMA target, teacher; z0, c)
+    (L_LCD, zhat, z_target) = lcd_step(student, EMA target, teacher; z0, c)
     direct:  r = R(decode(zhat), prompt)          expert pixel reward, gradients through the VAE decoder
     lrm:     r = LRM(zhat, prompt)                latent proxy reward model, no decoding
     L_student = L_LCD - beta * mean(r)            (back-propagated into the student only)
@@ -26,8 +26,8 @@ from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.losses import pairwise_preference_kl, reward_loss
 from fastgen.rewards import load_reward
 from fastgen.rewards.latent_proxy import LatentRewardModel, LRMPretrainConfig, pretrain_lrm
-from fastgen.trainers.consistency import ConsistencyMethod, consistency_distillation_loss, consistency_setup, drop_captions
-from fastgen.trainers.lcd import LCDConfig
+from fastgen.trainers.consistency import ConsistencyMethod, consistency_setup
+from fastgen.trainers.lcd import LCDConfig, lcd_step
 from fastgen.trainers.method import StepOutput, register_method
 
 __all__ = ["RGLCD", "RGLCDConfig"]
@@ -130,26 +130,18 @@ class RGLCD(ConsistencyMethod):
                             "(set data.latent_cache=false, or use a cache that keeps captions)")
         prompts = [captions] if isinstance(captions, str) else list(captions)
         latents, embeds = nets.encode_batch(batch, self.data_config.vae_sample)
-        b, device = latents.shape[0], latents.device
+        b = latents.shape[0]
         if len(prompts) != b:
             raise DataError(f"{len(prompts)} prompts for a batch of {b}: RG-LCD needs one prompt per image")
-        # 1. caption dropout: the student also learns the unconditional branch (the reward keeps the real prompt)
-        if cfg.caption_dropout > 0:
-            drop = torch.rand(b) < cfg.caption_dropout
-            if bool(drop.any()):
-                embeds = drop_captions(embeds, nets.uncond(device), drop)
-        # 2. LCD's loss (composed): zhat = f_theta(x_s), its EMA target
-        index = torch.randint(0, cfg.num_ddim_timesteps, (b,)).to(device)
-        noise = torch.randn_like(latents)
-        w = nets.guidance(b, device)
-        out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c)
+        # 1-2. LCD's loss, composed (caption dropout, teacher step, student vs EMA target): zhat = f_theta(x_s)
+        out = lcd_step(nets, cfg, latents, embeds)
         pred = out["pred"]
         # 3. the reward of the one-step output: expert on pixels, or the latent proxy
         reward = self.reward_model(self.decode_01(pred), prompts) if cfg.mode == "direct" else self.lrm(pred, prompts)
         student_loss = out["loss"] + reward_loss(reward, cfg.reward_scale)
         losses = {"student": student_loss}
         logs = {"loss": float(student_loss.detach()), "lcd_loss": float(out["loss"].detach()),
-                "reward": float(reward.detach().mean()), "w_mean": float(w.mean())}
+                "reward": float(reward.detach().mean()), "w_mean": float(out["w"].mean())}
         # 4. lrm mode: align the proxy with the expert's preferences over {student, target, real}
         if "lrm" in self.optimizers_to_step(step):
             lrm_loss, agreement, expert_mean = self.alignment_loss(pred.detach(), out["target"].detach(), latents, prompts)
