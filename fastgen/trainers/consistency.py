@@ -22,7 +22,7 @@ import inspect
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import LCMScheduler
@@ -333,9 +333,14 @@ def consistency_setup(method: Method, label: str) -> ConsistencyStudent:
 
 
 class ConsistencyMethod(Method):
-    """What LCD, RG-LCD and SCott share around their loss: data, state, sampling, export (no train_step)."""
+    """What LCD, RG-LCD and SCott share around their loss: the networks (``self.nets``), data, state,
+    sampling and export (no train_step). ``label`` names the method in error messages."""
 
-    nets: ConsistencyStudent
+    label: ClassVar[str] = "LCD"
+
+    def __init__(self, config: Any, **shared: Any):
+        super().__init__(config, **shared)
+        self.nets: ConsistencyStudent = consistency_setup(self, self.label)
 
     def is_digits_world(self) -> bool:
         return self.nets.loaded.digits

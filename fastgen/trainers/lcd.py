@@ -34,7 +34,6 @@ from fastgen.trainers.consistency import (
     ConsistencyMethod,
     ConsistencyStudent,
     consistency_distillation_loss,
-    consistency_setup,
     drop_captions,
 )
 from fastgen.trainers.method import StepOutput, register_method
@@ -130,10 +129,7 @@ class LCD(ConsistencyMethod):
 
     name = "lcd"
     config_class = LCDConfig
-
-    def __init__(self, config: LCDConfig, **shared: Any):
-        super().__init__(config, **shared)
-        self.nets = consistency_setup(self, "LCD")
+    label = "LCD"
 
     def train_step(self, batch: dict[str, Any], step: int) -> StepOutput:
         latents, embeds = self.nets.encode_batch(batch, self.data_config.vae_sample)

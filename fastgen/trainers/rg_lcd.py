@@ -26,7 +26,7 @@ from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.losses import pairwise_preference_kl, reward_loss
 from fastgen.rewards import load_reward
 from fastgen.rewards.latent_proxy import LatentRewardModel, LRMPretrainConfig, pretrain_lrm
-from fastgen.trainers.consistency import ConsistencyMethod, consistency_setup
+from fastgen.trainers.consistency import ConsistencyMethod
 from fastgen.trainers.lcd import LCDConfig, lcd_step
 from fastgen.trainers.method import StepOutput, register_method
 
@@ -84,10 +84,10 @@ class RGLCD(ConsistencyMethod):
 
     name = "rg-lcd"
     config_class = RGLCDConfig
+    label = "RG-LCD"
 
     def __init__(self, config: RGLCDConfig, **shared: Any):
-        super().__init__(config, **shared)
-        self.nets = consistency_setup(self, "RG-LCD")
+        super().__init__(config, **shared)  # the teacher, student and EMA target (self.nets)
         self.reward_model = load_reward(config.reward)
         self.lrm: LatentRewardModel | None = None
         if config.mode == "lrm":
