@@ -329,6 +329,14 @@ def test_optimizer_spec_errors(tmp_path):
         run_inprocess(tmp_path, "bad", {"max_steps": 1, "optimizers": {"bdy": {"learning_rate": 0.1}}}, {"two_groups": True})
     with pytest.raises(ConfigError, match="betas"):
         run_inprocess(tmp_path, "bad2", {"max_steps": 1, "optimizers": {"body": {"betas": [0.9, 1.5]}}}, {"two_groups": True})
+    import importlib.util
+
+    if importlib.util.find_spec("prodigyopt") is None:
+        with pytest.raises(ConfigError, match="pip install prodigyopt"):
+            run_inprocess(tmp_path, "bad4", {"max_steps": 1, "optimizers": {"model": {"optimizer": "prodigy"}}})
+    else:
+        trainer = run_inprocess(tmp_path, "prodigy", {"max_steps": 2, "optimizers": {"model": {"optimizer": "prodigy", "learning_rate": 1.0}}})
+        assert type(trainer.optimizers["model"]).__name__ == "Prodigy"
     with pytest.raises(ConfigError, match="makes 1 updates"):
         run_inprocess(tmp_path, "bad3", {"max_steps": 3, "optimizers": {"body": {"lr_scheduler": "cosine", "warmup_steps": 2}}},
                       {"two_groups": True, "body_every": 3})
