@@ -173,6 +173,11 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     spec = bench.PipelineSpec("other", recipe="lcd-digits", overrides=["lcd.w_max=5"], run_name="lcd-big")
     with pytest.raises(ConfigError, match=r"different configuration .* lcd\.w_max"):
         bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    # ... but a run that differs only in how it was watched (progress bar, logging) is reused
+    spec = bench.PipelineSpec("quiet", recipe="lcd-digits", overrides=["lcd.w_max=6", "train.progress=false"], run_name="lcd-big")
+    n_calls = len(calls)
+    bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    assert len(calls) == n_calls
     # the quality protocol names a recipe pipeline's recipe and its run's configuration
     resolved = bench.recipe_resolver(tmp_path, log=lambda *_: None)(bench.PipelineSpec("s", recipe="lcd-digits"))
     assert resolved.info["recipe"] == "lcd-digits" and resolved.info["run_config"]["method"] == "lcd"

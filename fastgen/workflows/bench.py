@@ -145,8 +145,17 @@ def _finished(run_dir: Path) -> bool:
     return state.get("step", 0) >= cfg["train"]["max_steps"]
 
 
+#: keys that change how a run is watched, not what it trains: a run differing only in these is reused
+LOGGING_ONLY_KEYS = ("train.progress", "train.log_every", "train.log_with", "train.num_workers")
+
+
+def _free(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in LOGGING_ONLY_KEYS)
+
+
 def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None:
-    """A run folder is only reused for the recipe (and overrides) it was trained with."""
+    """A run folder is only reused for the recipe (and overrides) it was trained with; keys that only
+    change logging (:data:`LOGGING_ONLY_KEYS`) may differ."""
     from fastgen.config import config_to_dict
     from fastgen.trainers.engine.run import load_run_config
 
@@ -168,7 +177,7 @@ def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None
         elif a != b:
             yield prefix[:-1]
 
-    keys = list(diff(wanted, saved))
+    keys = [k for k in diff(wanted, saved) if not _free(k)]
     if keys:
         raise ConfigError(f"{run_dir} was trained with a different configuration than recipe {recipe!r} "
                           f"with overrides {overrides[:-1]} (differs in: {', '.join(keys[:6])}); move or delete that "
