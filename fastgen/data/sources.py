@@ -35,7 +35,7 @@ from fastgen.data.cache import CachedDataset, EmbeddingCache, cache_key
 from fastgen.data.digits import DigitsDataset
 from fastgen.data.folders import ImageCaptionFolder
 from fastgen.data.prompts import load_prompts
-from fastgen.data.shards import ImageCaptionShards
+from fastgen.data.shards import SHARD_SUFFIXES, ImageCaptionShards, check_shards, expand_shards
 from fastgen.data.teacher_samples import load_or_generate
 from fastgen.errors import ConfigError, DataError
 
@@ -115,7 +115,11 @@ def default_cache_root() -> Path:
 
 def _is_shards(source: str) -> bool:
     path = Path(source)
-    return source.endswith(".tar") or "{" in source or (path.is_dir() and any(path.glob("*.tar")))
+    return (
+        source.endswith(SHARD_SUFFIXES)
+        or "{" in source
+        or (path.is_dir() and any(p.name.endswith(SHARD_SUFFIXES) for p in path.iterdir()))
+    )
 
 
 def source_kind(spec: DataConfig) -> str:
@@ -211,6 +215,8 @@ def build_dataset(
     if kind == "digits":
         raw: Any = DigitsDataset("train", resolution)
     elif kind == "shards":
+        # An empty, non-tar or sample-less shard is named here, before any advice about the cache.
+        check_shards(expand_shards(spec.source))
         raw = ImageCaptionShards(spec.source, resolution=resolution, shuffle_shards=True, shuffle_buffer=1000, seed=spec.seed)
     else:
         raw = ImageCaptionFolder(Path(spec.source), resolution=resolution)
