@@ -106,13 +106,16 @@ def _train(args) -> int:
     if args.config and args.method:
         from fastgen.trainers.engine.run import load_run_config
 
-        _, method_cls = load_run_config(args.config, args.overrides)
+        _, method_cls = load_run_config(args.config, [o for o in args.overrides if "=" in o])
         if method_cls.name != args.method:
             from fastgen.errors import ConfigError
 
             raise ConfigError(f"recipe {args.config} is for method '{method_cls.name}', not '{args.method}'; "
                               f"run `fastgen train {method_cls.name} --config {args.config}`")
-    run_dir = train(recipe, args.overrides, resume=args.resume)
+    from fastgen.workflows.train import split_allowed_changes
+
+    overrides, allowed = split_allowed_changes(args)
+    run_dir = train(recipe, overrides, resume=args.resume, allow_config_change=allowed)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -346,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a student: fastgen train lcd --config fastgen/recipes/lcd-digits.yaml")
     t.add_argument("method", nargs="?", default=None, help="method name (lcd, ...) or packaged recipe name (lcd-digits)")
     t.add_argument("--config", default=None, help="recipe YAML (method, output_dir, train:, <method>: sections)")
-    t.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from 'latest' or a checkpoint folder")
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from 'latest', 'previous' (the finished checkpoint before latest) or a checkpoint folder")
+    t.add_argument("--allow-config-change", dest="allow_config_change", nargs="+", action="extend", default=[], metavar="KEY",
+                   help="on resume, accept these changed keys (or sections) of the saved configuration; recorded in "
+                        "config-changes.jsonl")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 lcd.w_max=6")
     t.set_defaults(fn=_train)
 

@@ -227,3 +227,16 @@ def test_check_sampling_args_reads_the_export_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="--steps must be at least 1"):
         check_sampling_args(flux, 0)
     assert sampling_limits(tmp_path / "not-an-export").max_steps is None
+
+
+def test_train_parses_allowed_config_changes():
+    """`fastgen train ... --resume latest --allow-config-change KEY ...`: keys reach train(), key=value stay overrides."""
+    from fastgen.cli import build_parser
+    from fastgen.workflows.train import split_allowed_changes
+
+    args, extra = build_parser().parse_known_args(
+        ["train", "lcd-digits", "train.max_steps=10", "--resume", "latest", "--allow-config-change", "lcd.w_max", "train.learning_rate"]
+    )
+    assert extra == []
+    overrides, allowed = split_allowed_changes(args)
+    assert allowed == ["lcd.w_max", "train.learning_rate"] and overrides == ["train.max_steps=10"] and args.resume == "latest"
