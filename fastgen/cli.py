@@ -1,14 +1,57 @@
-"""The ``fastgen`` command line: thin parsing on top of the Python API."""
+"""The ``fastgen`` command line: thin parsing on top of the Python API.
+
+Every subcommand fails the same way: one line ``error: <what is wrong and how to fix it>`` on stderr
+and exit code 2 (130 when interrupted), no traceback. :func:`main` is the one place that turns
+failures into that line (:func:`error_message` says which ones); ``--debug`` (anywhere on the command
+line) or ``FASTGEN_DEBUG=1`` re-raises instead, to show the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 import os
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: Exit code of a failure reported as one line (argparse's code for usage errors).
+EXIT_ERROR = 2
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "FASTGEN_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors raise :class:`~fastgen.errors.UsageError`, so that
+    :func:`main` reports them as one line like every other failure (subparsers inherit the class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from fastgen.errors import UsageError
+
+        raise UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (``--samples 0`` is refused before anything loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _zoo_build(args) -> int:
@@ -54,16 +97,25 @@ def _train(args) -> int:
     from fastgen.workflows.train import train
 
     recipe = args.config or args.method
+    if not recipe:
+        from fastgen.errors import UsageError
+        from fastgen.trainers.method import BUILTIN_METHODS
+
+        raise UsageError(f"fastgen train needs a method ({', '.join(BUILTIN_METHODS)}), a packaged recipe (lcd-digits) or "
+                         f"--config RECIPE.yaml; e.g. `fastgen train lcd --config fastgen/recipes/lcd-digits.yaml`")
     if args.config and args.method:
         from fastgen.trainers.engine.run import load_run_config
 
-        _, method_cls = load_run_config(args.config, args.overrides)
+        _, method_cls = load_run_config(args.config, [o for o in args.overrides if "=" in o])
         if method_cls.name != args.method:
             from fastgen.errors import ConfigError
 
             raise ConfigError(f"recipe {args.config} is for method '{method_cls.name}', not '{args.method}'; "
                               f"run `fastgen train {method_cls.name} --config {args.config}`")
-    run_dir = train(recipe, args.overrides, resume=args.resume)
+    from fastgen.workflows.train import split_allowed_changes
+
+    overrides, allowed = split_allowed_changes(args)
+    run_dir = train(recipe, overrides, resume=args.resume, allow_config_change=allowed)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -77,14 +129,17 @@ def _export(args) -> int:
 
 
 def _sample(args) -> int:
-    from fastgen.pipelines.sampling import export_call_kwargs, export_info, load_exported, sample_grid
+    from fastgen.pipelines.sampling import check_sampling_args, export_call_kwargs, export_info, load_exported, sample_grid
 
-    pipe, kind = load_exported(args.folder)
-    info = export_info(Path(args.folder))
+    folder = Path(args.folder)
+    info = export_info(folder) if folder.is_dir() else {}
+    height = args.height if args.height is not None else info.get("resolution")
+    width = args.width if args.width is not None else height
+    check_sampling_args(folder, args.steps, height=height, width=width, num_images=args.num_images)  # before loading
+    pipe, kind = load_exported(folder)
     guidance = args.guidance if args.guidance is not None else info.get("guidance_scale")
-    height = args.height or info.get("resolution")
     path = sample_grid(pipe, args.prompt, steps=args.steps, guidance=guidance, seed=args.seed,
-                       num_images=args.num_images, out=args.out, height=height, width=args.width or height,
+                       num_images=args.num_images, out=args.out, height=height, width=width,
                        extra=export_call_kwargs(info, len(args.prompt)))
     print(f"{kind}: {len(args.prompt) * args.num_images} images, {args.steps} steps -> {path}")
     return 0
@@ -103,21 +158,43 @@ def _parse_pipeline(text: str):
         raise ConfigError(f"--pipeline takes LABEL=FOLDER[:steps=1,2,4][:guidance=G], got {text!r}")
     folder, *opts = rest.split(":")
     kw: dict = {"folder": folder or None}
+    numbers = {"steps": "integers separated by commas", "speed_steps": "integers separated by commas",
+               "guidance": "a number", "height": "an integer", "width": "an integer"}
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep:
             raise ConfigError(f"--pipeline option {o!r} is not key=value (in {text!r})")
-        if k in ("steps", "speed_steps"):
-            kw[k] = [int(x) for x in v.split(",")]
-        elif k in ("guidance",):
-            kw[k] = float(v)
-        elif k in ("height", "width"):
-            kw[k] = int(v)
-        elif k in ("recipe", "negative_prompt"):
+        if k in ("recipe", "negative_prompt"):
             kw[k] = v
-        else:
+            continue
+        if k not in numbers:
             raise ConfigError(f"--pipeline option {k!r} unknown; use steps, speed_steps, guidance, height, width, recipe, negative_prompt")
+        try:
+            if k in ("steps", "speed_steps"):
+                kw[k] = [int(x) for x in v.split(",")]
+            else:
+                kw[k] = float(v) if k == "guidance" else int(v)
+        except ValueError:
+            raise ConfigError(f"--pipeline option {k}={v!r} (in {text!r}) is not {numbers[k]}; "
+                              f"e.g. {text.partition(':')[0]}:steps=1,2,4:guidance=3:height=32") from None
     return PipelineSpec(label, **kw)
+
+
+def _metric_names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _check_metrics(names) -> None:
+    """Refuse unknown metric names before any pipeline loads."""
+    from fastgen.errors import ConfigError
+    from fastgen.evaluation.bench import METRICS
+
+    for name in names or ():
+        if name not in METRICS:
+            close = difflib.get_close_matches(name, list(METRICS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown metric '{name}'; {hint}available metrics: {', '.join(sorted(METRICS))} "
+                              f"(--metrics takes a comma list, e.g. --metrics digits,fid)")
 
 
 def _bench_suite(args, default_name: str):
@@ -146,7 +223,8 @@ def _bench_suite(args, default_name: str):
         if v is not None:
             setattr(suite, key, v)
     if getattr(args, "metrics", None):
-        suite.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        suite.metrics = _metric_names(args.metrics)
+    _check_metrics(suite.metrics)
     if args.name:
         suite.name = args.name
     if args.command_bench in ("speed", "run"):
@@ -197,7 +275,13 @@ def _bench_score(args) -> int:
 
     from fastgen.evaluation.bench import score_image_folder
 
-    result = score_image_folder(args.images, args.prompts, [m.strip() for m in args.metrics.split(",")],
+    metrics = _metric_names(args.metrics)
+    if not metrics:
+        from fastgen.errors import UsageError
+
+        raise UsageError("--metrics is empty; give a comma list such as --metrics clip,hps")
+    _check_metrics(metrics)
+    result = score_image_folder(args.images, args.prompts, metrics,
                                 clip_model=args.clip_model, hps_checkpoint=args.hps_checkpoint,
                                 hps_version=args.hps_version, inception_weights=args.inception_weights,
                                 fid_reference=args.fid_reference)
@@ -220,14 +304,23 @@ def _bench_hps(args) -> int:
     return 0
 
 
-def _lrm(args) -> int:
-    from fastgen.rewards.latent_proxy import main as lrm_main
+def _lrm_pretrain(args) -> int:
+    from fastgen.config import load_config
+    from fastgen.rewards.latent_proxy import LRMPretrainConfig, pretrain_lrm
 
-    return lrm_main(list(args.lrm_args))
+    base = {k: v for k, v in (("teacher", args.teacher), ("out", args.out)) if v is not None}
+    cfg = load_config(LRMPretrainConfig, args.config, overrides=args.overrides, base=base or None)
+    out = pretrain_lrm(cfg)
+    print(f"latent reward model: {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastgen", description="Distil diffusion teachers into few-step students.")
+    p = _Parser(prog="fastgen", description="Distil diffusion teachers into few-step students.",
+                epilog=f"A failure prints one line `error: ...` and exits with {EXIT_ERROR}; {DEBUG_FLAG} or {DEBUG_ENV}=1 "
+                       f"shows the traceback instead.")
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help=f"re-raise failures with their traceback (also accepted after the subcommand, or {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     zoo = sub.add_parser("zoo", help="the digits world's tiny models").add_subparsers(dest="zoo_command", required=True)
@@ -241,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_zoo_build)
 
     c = zoo.add_parser("check", help="measure the shipped teachers, VAEs and classifier")
-    c.add_argument("--samples", type=int, default=1000)
-    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--samples", type=_positive_int, default=1000)
+    c.add_argument("--steps", type=_positive_int, default=50)
     c.add_argument("--out", default="benchmarks/results")
     c.add_argument("--name", default="digits_teachers")
     c.add_argument("--root", default=None, help="artefacts folder (default: shipped)")
@@ -256,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a student: fastgen train lcd --config fastgen/recipes/lcd-digits.yaml")
     t.add_argument("method", nargs="?", default=None, help="method name (lcd, ...) or packaged recipe name (lcd-digits)")
     t.add_argument("--config", default=None, help="recipe YAML (method, output_dir, train:, <method>: sections)")
-    t.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from 'latest' or a checkpoint folder")
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from 'latest', 'previous' (the finished checkpoint before latest) or a checkpoint folder")
+    t.add_argument("--allow-config-change", dest="allow_config_change", nargs="+", action="extend", default=[], metavar="KEY",
+                   help="on resume, accept these changed keys (or sections) of the saved configuration; recorded in "
+                        "config-changes.jsonl")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 lcd.w_max=6")
     t.set_defaults(fn=_train)
 
@@ -280,17 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_sample)
 
     d = sub.add_parser("demo", help="the digits-world demo")
-    d.add_argument("--samples", type=int, default=500, help="samples per pipeline for the demo's tables")
+    d.add_argument("--samples", type=_positive_int, default=500, help="samples per pipeline for the demo's tables")
     d.add_argument("--skip-students", action="store_true", help="only the teachers' grids and table")
-    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--steps", type=_positive_int, default=50)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--root", default=None)
     d.set_defaults(fn=_demo)
 
-    lrm = sub.add_parser("lrm", help="latent proxy reward models: `fastgen lrm pretrain [--teacher T] [--out DIR] [k=v]`",
-                         add_help=False)
-    lrm.add_argument("lrm_args", nargs=argparse.REMAINDER)
-    lrm.set_defaults(fn=_lrm)
+    lrm = sub.add_parser("lrm", help="latent proxy reward models: `fastgen lrm pretrain [--teacher T] [--out DIR] [k=v]`")
+    lsub = lrm.add_subparsers(dest="lrm_command", required=True)
+    lp = lsub.add_parser("pretrain", help="contrastive pre-training of an LRM on a teacher's latents")
+    lp.add_argument("--config", default=None, help="YAML recipe with LRMPretrainConfig keys")
+    lp.add_argument("--teacher", default=None, help="teacher folder or alias (default digits-sd)")
+    lp.add_argument("--out", default=None, help="output folder (default runs/lrm-digits)")
+    lp.add_argument("overrides", nargs="*", help="LRMPretrainConfig key=value overrides, e.g. steps=500 batch_size=64")
+    lp.set_defaults(fn=_lrm_pretrain)
 
     bench = sub.add_parser("bench", help="benchmark teacher and students: quality (FID/HPS/CLIP/digits) and speed")
     bsub = bench.add_subparsers(dest="command_bench", required=True)
@@ -301,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("suite", nargs="?", default=None, help="suite YAML (e.g. benchmarks/suites/digits.yaml)")
         q.add_argument("--pipeline", action="append", help="LABEL=FOLDER[:steps=1,2,4][:guidance=G][:height=H] (repeatable; "
                        "FOLDER may be a shipped alias such as digits-sd); replaces the suite's pipelines")
-        q.add_argument("--steps", type=int, nargs="+", default=None, help="step counts for every --pipeline")
+        q.add_argument("--steps", type=_positive_int, nargs="+", default=None, help="step counts for every --pipeline")
         q.add_argument("--guidance", type=float, default=None, help="guidance_scale for every --pipeline")
         q.add_argument("--name", default=None, help="results name: <out>/<name>.json/.md/.png")
         q.add_argument("--out", default="benchmarks/results")
@@ -309,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=None)
         if name in ("quality", "run"):
             q.add_argument("--prompts", default=None, help="'digits', a prompt file, or preset:coco2014-30k@256 / preset:coco2017-5k@512")
-            q.add_argument("--samples", type=int, default=None, help="number of prompts (digits) or limit on a prompt file/preset")
+            q.add_argument("--samples", type=_positive_int, default=None, help="number of prompts (digits) or limit on a prompt file/preset")
             q.add_argument("--metrics", default=None, help="comma list of: digits, fid, clip, hps")
             q.add_argument("--data-root", default=None, help="folder with the preset's COCO annotations/ and images")
             q.add_argument("--fid-reference", default=None, help="folder of real images for 'fid' with a plain prompt file")
@@ -319,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--hps-version", default=None, choices=["v2.0", "v2.1"])
         if name in ("speed", "run"):
             q.add_argument("--prompt", default=None)
-            q.add_argument("--batch-size", type=int, default=None)
-            q.add_argument("--warmup", type=int, default=None)
-            q.add_argument("--repeats", type=int, default=None)
+            q.add_argument("--batch-size", type=_positive_int, default=None)
+            q.add_argument("--warmup", type=_non_negative_int, default=None)
+            q.add_argument("--repeats", type=_positive_int, default=None)
             q.add_argument("--device", default=None, help="auto, cpu, cuda")
             q.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
             q.add_argument("--ratio", nargs=2, default=None, metavar=("NUM@STEPS", "DEN@STEPS"),
@@ -345,15 +446,72 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--prompts-dir", required=True, help="folder with anime.json, concept-art.json, paintings.json, photo.json")
     hp.add_argument("--hps-checkpoint", default=None)
     hp.add_argument("--hps-version", default="v2.1", choices=["v2.0", "v2.1"])
-    hp.add_argument("--per-style", type=int, default=800)
+    hp.add_argument("--per-style", type=_positive_int, default=800)
     hp.add_argument("--out-json", default=None)
     hp.set_defaults(fn=_bench_hps)
+    for action in (sub, zoo, lsub, bsub):  # "required: {quality,speed,...}" rather than the dest's name
+        action.metavar = "{" + ",".join(action.choices) + "}"
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line(text: str) -> str:
+    """``text`` on one line: its non-empty lines joined (YAML's caret-only marker lines dropped)."""
+    lines = [line.strip() for line in str(text).splitlines()]
+    return " ".join(line for line in lines if line and set(line) != {"^"})
+
+
+def _path_message(exc: OSError) -> str:
+    """A file-system error naming its path and the fix."""
+    path = exc.filename
+    if path is None:
+        return str(exc)
+    where = f"'{os.fsdecode(path)}'" + (f" -> '{os.fsdecode(exc.filename2)}'" if exc.filename2 is not None else "")
+    if isinstance(exc, FileNotFoundError):
+        return f"{where} does not exist; check the path"
+    if isinstance(exc, PermissionError):
+        return f"permission denied on {where}; make it readable/writable for this user or use another path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{where} is a folder, but a file is expected there; pass a file path"
+    if isinstance(exc, NotADirectoryError):
+        return f"{where} is not a folder (a part of the path is a file); pass a folder path"
+    return f"{where} already exists; remove it or choose another path"  # FileExistsError
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The one-line message ``fastgen`` prints for ``exc``, or ``None`` when it is not an expected failure
+    (a bug: the traceback is kept). Expected: :class:`~fastgen.errors.FastgenError`, missing or unreadable
+    paths, ``ValueError`` (bad values), YAML and safetensors errors, a missing optional package."""
     from fastgen.errors import FastgenError
 
+    hint = f" (rerun with {DEBUG_FLAG} for the traceback)"
+    yaml = sys.modules.get("yaml")
+    safetensors = sys.modules.get("safetensors")
+    if isinstance(exc, FastgenError):
+        text = str(exc)
+    elif isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        text = _path_message(exc)
+    elif yaml is not None and isinstance(exc, yaml.YAMLError):
+        text = f"not valid YAML: {exc}; fix the syntax (indent with spaces, `key: value` pairs)"
+    elif safetensors is not None and isinstance(exc, getattr(safetensors, "SafetensorError", ())):
+        text = f"a .safetensors file could not be read ({exc}); it is truncated or not safetensors: write it again{hint}"
+    elif isinstance(exc, ModuleNotFoundError) and exc.name:
+        text = f"the Python module '{exc.name}' is not installed; install the package that provides it{hint}"
+    elif isinstance(exc, ValueError):
+        text = f"{exc or type(exc).__name__}{hint}"
+    else:
+        return None
+    return _one_line(text) or type(exc).__name__
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    """Remove every ``--debug`` from ``argv`` (before or after the subcommand); True if one was there or
+    ``FASTGEN_DEBUG`` is set to a true value."""
+    found = DEBUG_FLAG in argv
+    argv[:] = [a for a in argv if a != DEBUG_FLAG]
+    return found or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -361,12 +519,32 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            from fastgen.errors import UsageError
+
+            prog = " ".join(["fastgen", *(getattr(args, k) for k in ("command", "zoo_command", "command_bench", "lrm_command")
+                                          if getattr(args, k, None))])
+            raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extra)}; see `{prog} --help`")
+    return args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fastgen ARGV``; returns the exit code: 0, 2 (one line ``error: ...`` on stderr) or 130 (Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
     try:
-        return args.fn(args)
-    except FastgenError as e:
-        print(f"fastgen: error: {e}", file=sys.stderr)
-        return 2
+        return _run(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        resume = "; a training run continues from its last checkpoint with --resume" if argv[:1] == ["train"] else ""
+        print(f"error: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = None if debug else error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class DataError(FastgenError, ValueError):
 
 class ResolutionError(FastgenError, ValueError):
     """An image size does not fit the model (e.g. not divisible by the VAE factor)."""
+
+
+class UsageError(ConfigError):
+    """A command-line argument is missing, unknown or of the wrong form (argparse's errors, raised)."""

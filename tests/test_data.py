@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from fastgen.data.cache import CachedDataset, EmbeddingCache, cache_key
 from fastgen.data.folders import ImageCaptionFolder
 from fastgen.data.prompts import PromptDataset, ensure_batch, load_prompts
 from fastgen.data.shards import ImageCaptionShards, expand_shards, write_shards
+from fastgen.data.sources import DataConfig, build_dataset, source_kind
 from fastgen.errors import DataError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (128, 64, 32)]
@@ -161,6 +165,107 @@ def test_folder_errors_name_folder_and_layouts(tmp_path):
         ImageCaptionFolder(nocap)
 
 
+# --------------------------------------------------------------------------- captions
+
+
+def test_captions_are_read_as_utf8(tmp_path):
+    solid((1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("un café, 猫\n", encoding="utf-8")
+    solid((1, 2, 3)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_bytes("\ufeffnaïve bom".encode("utf-8"))  # a UTF-8 byte-order mark is dropped
+    ds = ImageCaptionFolder(tmp_path, resolution=4)
+    assert ds.captions == ["un café, 猫", "naïve bom"]
+
+
+def test_caption_file_not_utf8_is_a_clear_error(tmp_path):
+    make_pairs(tmp_path, 2)
+    (tmp_path / "img1.txt").write_bytes("un café".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        ImageCaptionFolder(tmp_path, resolution=4)
+    msg = str(err.value)
+    assert str(tmp_path / "img1.txt") in msg and "not valid UTF-8" in msg and "save it as UTF-8" in msg
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    solid((1, 2, 3)).save(meta / "x.png")
+    (meta / "metadata.jsonl").write_bytes('{"file_name": "x.png", "text": "café"}\n'.encode("cp1252"))
+    with pytest.raises(DataError) as err:
+        ImageCaptionFolder(meta, resolution=4)
+    msg = str(err.value)
+    assert str(meta / "metadata.jsonl") in msg and "save it as UTF-8" in msg
+
+    (tmp_path / "prompts.txt").write_bytes("un café\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_prompts(tmp_path / "prompts.txt")
+    assert str(tmp_path / "prompts.txt") in str(err.value) and "save it as UTF-8" in str(err.value)
+
+
+def test_shard_caption_not_utf8_skips_the_sample_with_a_clear_reason(tmp_path, caplog):
+    items = [{"image": solid((1, 2, 3)), "caption": f"ok {i}", "key": f"k{i}"} for i in range(3)]
+    write_shards(items, tmp_path, per_shard=3)
+    # Rewrite the middle caption member with latin-1 bytes.
+    shard = tmp_path / "data-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == "k1.txt":
+                data = "café".encode("latin-1")
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    ds = ImageCaptionShards(shard, resolution=4, rank=0, world_size=1, min_valid_fraction=0.5)
+    with caplog.at_level(logging.WARNING):
+        got = [x["caption"] for x in ds]
+    assert got == ["ok 0", "ok 2"] and ds.num_bad == 1
+    assert any("k1" in r.getMessage() and "not valid UTF-8" in r.getMessage() for r in caplog.records)
+
+
+def _long_caption_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+
+
+def test_long_captions_counted_and_warned_once_per_dataset(tmp_path, caplog):
+    captions = ["a cat", "a very long caption about a dog", "one two three four", "short"]
+    for i, caption in enumerate(captions):
+        solid(COLORS[i]).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(caption)
+    with caplog.at_level(logging.WARNING):
+        ds = ImageCaptionFolder(tmp_path, resolution=4, max_caption_tokens=3)
+        for _ in range(2):
+            [ds[i] for i in range(len(ds))]
+    assert ds.num_long_captions == 2  # 7 and 4 whitespace tokens > 3
+    (msg,) = _long_caption_warnings(caplog)
+    assert "2 of 4 captions" in msg and "longer than 3 tokens" in msg
+
+    # A caller's tokenizer count replaces the whitespace count (here: characters).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        by_chars = ImageCaptionFolder(tmp_path, resolution=4, max_caption_tokens=5, count_tokens=len)
+    assert by_chars.num_long_captions == 2  # 31 and 18 characters > 5; "a cat" and "short" fit
+    assert len(_long_caption_warnings(caplog)) == 1
+
+    # No limit, no counting, no warning; a limit no caption exceeds, no warning either.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert ImageCaptionFolder(tmp_path, resolution=4).num_long_captions == 0
+        assert ImageCaptionFolder(tmp_path, resolution=4, max_caption_tokens=77).num_long_captions == 0
+    assert _long_caption_warnings(caplog) == []
+    with pytest.raises(DataError, match="max_caption_tokens"):
+        ImageCaptionFolder(tmp_path, resolution=4, max_caption_tokens=0)
+
+
+def test_long_shard_captions_counted_and_warned_once(tmp_path, caplog):
+    items = [(solid((5, 5, 5)), "x " * n) for n in (1, 10, 2, 12, 3)]
+    write_shards(items, tmp_path, per_shard=2)
+    ds = ImageCaptionShards(tmp_path, resolution=4, rank=0, world_size=1, max_caption_tokens=5)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # three epochs, one warning
+            assert len(list(ds)) == 5
+    assert ds.num_long_captions == 2
+    (msg,) = _long_caption_warnings(caplog)
+    assert "2 of 5 captions" in msg and "longer than 5 tokens" in msg
+
+
 # --------------------------------------------------------------------------- shards
 
 
@@ -234,6 +339,56 @@ def test_corrupt_shard_samples_skipped_then_floor(tmp_path):
         for x in ds:
             got.append(x)
     assert len(got) == 10  # stopped once 20 samples were seen, not at the end
+
+
+def test_zero_byte_or_corrupt_tar_is_named_not_sent_to_the_cache(tmp_path):
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is not a tar archive\n" * 40)
+    captions_only = tmp_path / "captions.tar"
+    with tarfile.open(captions_only, "w") as tar:
+        info = tarfile.TarInfo("000.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"a cat"))
+    cases = ((empty, "is empty"), (junk, "is not a tar archive"), (captions_only, "no image\\+caption pair"))
+    for path, problem in cases:
+        for latent_cache in (False, True):  # diagnosed before the cache (or its teacher) is asked for
+            with pytest.raises(DataError, match=problem) as err:
+                build_dataset(DataConfig(source=str(path), latent_cache=latent_cache), resolution=8)
+            msg = str(err.value)
+            assert str(path) in msg and "latent_cache" not in msg, msg
+
+    # One bad shard among good ones in a shard folder is named.
+    good = write_shards(_items(2), tmp_path / "mixed", per_shard=1)
+    bad = tmp_path / "mixed" / "data-000009.tar"
+    bad.write_bytes(b"")
+    with pytest.raises(DataError, match="is empty") as err:
+        build_dataset(DataConfig(source=str(tmp_path / "mixed")), resolution=8)
+    assert str(bad) in str(err.value) and good[0] not in str(err.value)
+
+    # Readable shards still get the advice that fits them: a stream needs the latent cache.
+    bad.unlink()
+    with pytest.raises(DataError, match="latent_cache=true"):
+        build_dataset(DataConfig(source=str(tmp_path / "mixed")), resolution=8)
+
+
+def test_gzipped_shards_are_shards_and_checked(tmp_path):
+    (plain,) = write_shards(_items(2), tmp_path / "plain", per_shard=2)
+    packed = tmp_path / "data.tar.gz"
+    packed.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    assert source_kind(DataConfig(source=str(packed))) == "shards"
+    assert sorted(x["caption"] for x in ImageCaptionShards(packed, resolution=4, rank=0, world_size=1)) == [
+        "sample 0", "sample 1"]
+    with pytest.raises(DataError, match="latent_cache=true"):  # readable: only the stream advice is left
+        build_dataset(DataConfig(source=str(packed)), resolution=4)
+
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(gzip.compress(b"not a tar archive at all" * 30))
+    assert source_kind(DataConfig(source=str(junk))) == "shards"
+    with pytest.raises(DataError, match="is not a tar archive") as err:
+        build_dataset(DataConfig(source=str(junk)), resolution=4)
+    assert str(junk) in str(err.value)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -202,11 +202,18 @@ def test_export_into_existing_folder_errors_unless_overwrite(teachers, tmp_path)
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    # a folder of the user's files is never replaced, with or without --overwrite; the file is named
+    with pytest.raises(ExportError, match="not made by fastgen.*'keep.txt'"):
+        export_method(m, out)
+    with pytest.raises(ExportError, match="not made by fastgen.*'keep.txt'"):
+        export_method(m, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
+    export_method(m, out)  # an empty folder is used
     with pytest.raises(ExportExistsError, match="overwrite"):
         export_method(m, out)
-    assert (out / "keep.txt").read_text() == "old"
-    export_method(m, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "pytorch_lora_weights.safetensors").is_file()
+    export_method(m, out, overwrite=True)  # an earlier export is replaced
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / ".fastgen-folder").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="is a file"):

@@ -466,3 +466,20 @@ def test_vae_posterior_sample_is_an_option(folders):
     assert torch.equal(mean1, mean2) and not torch.equal(a, c)
     with pytest.raises(ConfigError, match="vae_sample"):
         build_method(LCD, {"data": {"vae_sample": True, "latent_cache": True}}, teacher=str(folders("sd")))
+
+
+def test_long_captions_are_counted_with_the_teachers_tokenizer(folders, tmp_path, caplog):
+    """Captions the teacher's tokenizer would truncate are counted once per dataset (a warning naming how many)."""
+    from PIL import Image
+
+    data = tmp_path / "long"
+    data.mkdir()
+    m = make(folders, "sd", dataset=str(data))
+    limit = m.teacher.pipeline().tokenizer.model_max_length
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 90, 30)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text("a cat " * (limit if i < 2 else 1))
+    with caplog.at_level("WARNING"):
+        ds = m.train_dataset()
+    assert ds.num_long_captions == 2
+    assert sum("2 of 3" in r.getMessage() or ("2" in r.getMessage() and str(limit) in r.getMessage()) for r in caplog.records) >= 1

@@ -294,7 +294,7 @@ def test_cli_resume_without_checkpoint(teacher, tmp_path, capsys):
     run_dir = tmp_path / "never-trained"
     code, err = cli_main(capsys, *train_args(teacher, run_dir, "train.max_steps=2"), "--resume", "latest")
     assert code == 2
-    assert err.startswith("fastgen: error: no finished checkpoint in run folder")
+    assert err.startswith("error: no finished checkpoint in run folder")
     assert str(run_dir) in err and "start the training without --resume" in err
     assert not run_dir.exists(), "a refused resume writes nothing"
 

@@ -13,6 +13,11 @@ renames it to ``<root>`` only when every shard and the index are on disk, so a k
 build never leaves a folder that looks complete. The ``key`` (see :func:`cache_key`)
 identifies what produced the cache (e.g. the model folder and the resolution); reading
 or rebuilding with another key raises :class:`DataError`.
+
+The folder follows :func:`fastgen.io.check_folder`: a build writes only into an absent or
+empty folder or replaces an earlier cache (``overwrite``) that holds nothing but the files
+a build wrote (listed in its ``.fastgen-folder`` marker); a folder of the user's files, a
+run folder or an export is refused, naming what is in the way.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastgen.errors import DataError
-from fastgen.io import atomic_folder
+from fastgen.io import folder_kind, replace_folder
 
 __all__ = ["EmbeddingCache", "CachedDataset", "cache_key", "INDEX_FILE"]
 
@@ -176,13 +181,15 @@ class EmbeddingCache:
             items_per_shard: items per safetensors file.
             dtype: optional floating dtype to store (e.g. ``torch.float16``).
             num_workers: DataLoader workers used to read ``dataset``.
-            overwrite: replace an existing cache built with a different key.
+            overwrite: replace an existing cache built with a different key (never a folder
+                holding files a build did not write).
 
         A complete cache with the same key is reused without encoding anything.
 
         Raises:
             DataError: a cache with another key exists and ``overwrite`` is false, the
-                dataset is empty, or the encoders return unusable outputs.
+                folder is not a cache (the user's files, a run folder) or cannot be written,
+                the dataset is empty, or the encoders return unusable outputs.
         """
         if batch_size <= 0 or items_per_shard <= 0:
             raise DataError("batch_size and items_per_shard must be positive; pass e.g. batch_size=16")
@@ -197,16 +204,16 @@ class EmbeddingCache:
                 self.check_key(key)  # raises the mismatch error
         elif self.root.exists() and not self.root.is_dir():
             raise DataError(f"cache path '{self.root}' is a file; pass a folder path for the cache")
-        elif self.root.is_dir() and any(self.root.iterdir()) and not overwrite:
+        elif self.root.is_dir() and any(self.root.iterdir()) and not overwrite and folder_kind(self.root) == "cache":
             raise DataError(
                 f"cache dir '{self.root}' is not empty but holds no complete cache; delete it, "
                 "pass overwrite=True or choose a new cache dir"
             )
 
-        self.root.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_builds()
         # written into .<root>.building-<pid>-<id>, renamed into place when every shard and the index are on disk
-        with atomic_folder(self.root, tag="building") as tmp:
+        with replace_folder(self.root, "cache", overwrite=overwrite, error=DataError, tag="building",
+                            info={"key": key}) as tmp:
             index = self._encode_into(
                 tmp, dataset, encode_images, encode_text, batch_size, key, items_per_shard, dtype, num_workers
             )

@@ -6,8 +6,24 @@ Two layouts are accepted (see :class:`ImageCaptionFolder`):
 * **metadata**: a ``metadata.jsonl`` file at the root, one JSON object per line with
   ``file_name`` (relative to the root) and ``text`` (or ``caption``/``prompt``).
 
-The image helpers here (:func:`decode_image`, :func:`resize_center_crop`,
-:func:`image_to_tensor`) are shared with :mod:`fastgen.data.shards`.
+Captions (``.txt`` files and ``metadata.jsonl``) are read as UTF-8 (a leading byte-order
+mark is dropped); a file that is not valid UTF-8 raises :class:`DataError` naming it.
+
+The image helpers here (:func:`decode_image`, :func:`image_to_rgb`, :func:`resize_center_crop`,
+:func:`image_to_tensor`) are shared with :mod:`fastgen.data.shards`. Every PIL image mode is
+turned into 8-bit RGB by these rules:
+
+* 16-bit greyscale (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and ``I`` (32-bit integers,
+  which PIL uses for 16-bit data) -> ``round(value / 257)`` (= ``value * 255 / 65535``),
+  clipped to 0..255;
+* ``F`` (32-bit float) -> ``round(value * 255)`` when every finite value lies in [0, 1],
+  else the values are read on the 0..255 scale (PIL's own convention); NaN -> 0;
+* transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, and ``P``/``L``/
+  ``RGB``/16-bit images with a ``transparency`` entry, e.g. a PNG ``tRNS`` chunk) is
+  composited over :data:`ALPHA_BACKGROUND` (white):
+  ``round(color * a / 255 + 255 * (1 - a / 255))``;
+* everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) goes through PIL's
+  ``convert("RGB")`` (for ``CMYK``: ``R = (255 - C) * (255 - K) / 255``, likewise G and B).
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,15 +42,21 @@ from PIL import Image
 from fastgen.errors import DataError
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "IMAGE_EXTENSIONS",
     "CAPTION_FIELDS",
     "ImageCaptionFolder",
     "VerifyReport",
     "check_valid_fraction",
     "decode_image",
+    "decode_utf8",
+    "image_to_rgb",
     "image_to_tensor",
     "normalize_resolution",
+    "read_utf8",
     "resize_center_crop",
+    "warn_long_captions",
+    "whitespace_tokens",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +64,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_FIELDS: tuple[str, ...] = ("text", "caption", "prompt")
 METADATA_FILE = "metadata.jsonl"
+#: Transparent pixels are composited over this colour (white) when decoding.
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+_INT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 _LAYOUTS = (
     "(a) image files (png/jpg/jpeg/webp) each with a same-name .txt caption, e.g. cat.png + cat.txt, "
@@ -70,8 +95,58 @@ def normalize_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    flag = getattr(img, "has_transparency_data", None)  # Pillow >= 10.1
+    if flag is not None:
+        return bool(flag)
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info  # pragma: no cover
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+    """``rgb`` ``[H, W, 3]`` and ``alpha`` ``[H, W]`` (both 0..255) -> RGB over the background."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if alpha is not None:
+        a = np.asarray(alpha, dtype=np.float32)[..., None] / np.float32(255.0)
+        rgb = rgb * a + np.asarray(ALPHA_BACKGROUND, dtype=np.float32) * (np.float32(1.0) - a)
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+
+
+def _grey_levels(img: Image.Image) -> np.ndarray:
+    """8-bit grey levels (float, 0..255) of a 16-bit, 32-bit integer or float image."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        finite = values[np.isfinite(values)]
+        unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
+        values = np.where(np.isnan(values), 0.0, values)
+        levels = values * 255.0 if unit else values
+    else:
+        levels = values / 257.0  # 65535 -> 255
+    return np.clip(np.rint(levels), 0.0, 255.0)
+
+
+def image_to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> an 8-bit ``RGB`` image, by the rules in the module docstring.
+
+    An ``RGB`` image without transparency is returned as is (not copied).
+    """
+    mode = img.mode
+    if mode in _INT_GREY_MODES or mode == "F":
+        grey = _grey_levels(img)
+        alpha = None
+        transparent = img.info.get("transparency")
+        if mode != "F" and isinstance(transparent, int):
+            alpha = np.where(np.asarray(img) == transparent, 0.0, 255.0)
+        return _composite(np.repeat(grey[..., None], 3, axis=2), alpha)
+    if _has_alpha(img):
+        rgba = np.asarray(img.convert("RGBA"))
+        return _composite(rgba[..., :3], rgba[..., 3])
+    if mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes | str | Path) -> Image.Image:
-    """Fully decode an image (from bytes or a path) into RGB.
+    """Fully decode an image (from bytes or a path) into 8-bit RGB (see :func:`image_to_rgb`).
 
     The whole image is decoded here, so truncated or corrupt files raise immediately
     (any exception means "unreadable") rather than later during training.
@@ -82,14 +157,8 @@ def decode_image(data: bytes | str | Path) -> Image.Image:
         src = str(data)
     with Image.open(src) as img:
         img.load()
-        if img.mode == "RGB":
-            return img.copy()
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparent images over white instead of black.
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+        rgb = image_to_rgb(img)
+        return rgb.copy() if rgb is img else rgb
 
 
 def resize_center_crop(
@@ -120,10 +189,61 @@ def resize_center_crop(
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor ``[3, H, W]`` scaled to ``[-1, 1]``."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """PIL image (any mode, see :func:`image_to_rgb`) -> float32 tensor ``[3, H, W]`` in ``[-1, 1]``."""
+    arr = np.asarray(image_to_rgb(img), dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
     return tensor.div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- caption helpers
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8 (a leading byte-order mark dropped).
+
+    Raises:
+        DataError: naming ``where`` and the offending byte, with the fix (save as UTF-8).
+    """
+    try:
+        return bytes(data).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = bytes(data)[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{where} is not valid UTF-8 (byte 0x{bytes(data)[exc.start]:02x} at offset {exc.start}, line {line}); "
+            "save it as UTF-8 (choose UTF-8 when saving in an editor, or convert it with "
+            "`iconv -f <its encoding> -t utf-8`)"
+        ) from None
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path`` read as UTF-8; :class:`DataError` naming the file if it is not UTF-8."""
+    return decode_utf8(Path(path).read_bytes(), f"'{path}'")
+
+
+def whitespace_tokens(caption: str) -> int:
+    """Default caption length: the number of whitespace-separated words."""
+    return len(caption.split())
+
+
+def _caption_limit(max_caption_tokens: int | None) -> int | None:
+    if max_caption_tokens is None:
+        return None
+    if isinstance(max_caption_tokens, bool) or not isinstance(max_caption_tokens, int) or max_caption_tokens < 1:
+        raise DataError(
+            f"max_caption_tokens must be a positive int or None, got {max_caption_tokens!r}; "
+            "pass the text encoder's limit, e.g. 77"
+        )
+    return max_caption_tokens
+
+
+def warn_long_captions(where: str, num_long: int, num_total: int, limit: int, count_tokens: Callable[[str], int]) -> None:
+    """Log the one warning about captions longer than ``limit`` tokens."""
+    how = "as whitespace-separated words" if count_tokens is whitespace_tokens else "with the given count_tokens"
+    logger.warning(
+        "%s: %d of %d captions are longer than %d tokens (counted %s); the text encoder keeps only "
+        "the first %d tokens, so the rest of those captions is lost in training. Shorten them if that matters",
+        where, num_long, num_total, limit, how, limit,
+    )
 
 
 def check_valid_fraction(
@@ -181,6 +301,14 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         min_valid_fraction: when the share of readable images seen so far falls below this,
             :class:`DataError` is raised instead of silently training on a broken set.
         caption_dropout: probability of replacing the caption by ``""`` (for CFG training).
+        max_caption_tokens: when set, captions longer than this many tokens are counted in
+            :attr:`num_long_captions` and one warning names how many (the text encoder would
+            cut them off); ``None`` (default) counts nothing.
+        count_tokens: how a caption's tokens are counted, e.g. a tokenizer's
+            ``lambda s: len(tok(s).input_ids)``; default :func:`whitespace_tokens`.
+
+    Captions are read as UTF-8; a caption file (or ``metadata.jsonl``) that is not valid
+    UTF-8 raises :class:`DataError` naming it.
 
     Items are ``{"pixels": float32 [3, H, W] in [-1, 1], "caption": str, "index": int}``.
     A corrupt or unreadable image never ends an epoch: it is logged once, recorded in
@@ -197,6 +325,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         random_flip: bool = False,
         min_valid_fraction: float = 0.9,
         caption_dropout: float = 0.0,
+        *,
+        max_caption_tokens: int | None = None,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.root = Path(root)
         self.size = normalize_resolution(resolution)
@@ -215,7 +346,15 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         self.num_bad = 0
         self.bad_files: list[str] = []
         self._bad_indices: set[int] = set()
+        self.max_caption_tokens = _caption_limit(max_caption_tokens)
+        self.count_tokens: Callable[[str], int] = count_tokens or whitespace_tokens
+        self.num_long_captions = 0
         self._scan()
+        if self.max_caption_tokens is not None:
+            limit = self.max_caption_tokens
+            self.num_long_captions = sum(1 for c in self.captions if self.count_tokens(c) > limit)
+            if self.num_long_captions:
+                warn_long_captions(f"'{self.root}'", self.num_long_captions, len(self.captions), limit, self.count_tokens)
 
     # ------------------------------------------------------------------ discovery
 
@@ -248,7 +387,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 missing.append(path)
                 continue
             self.files.append(path)
-            self.captions.append(txt.read_text(encoding="utf-8", errors="replace").strip())
+            self.captions.append(read_utf8(txt).strip())
         self.num_uncaptioned = len(missing)
         if images and not self.files:
             raise DataError(
@@ -263,7 +402,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             )
 
     def _scan_metadata(self, meta: Path) -> None:
-        with meta.open(encoding="utf-8") as fh:
+        text = read_utf8(meta)
+        with io.StringIO(text, newline=None) as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -343,8 +483,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         bad: list[str] = []
         for i, path in enumerate(self.files):
             try:
-                with Image.open(path) as img:
-                    img.load()
+                decode_image(path)
             except Exception as exc:
                 bad.append(str(path))
                 if i not in self._bad_indices:

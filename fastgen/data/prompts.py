@@ -3,12 +3,15 @@
 :func:`load_prompts` reads ``.txt`` (one prompt per line; blank lines and ``#`` comments
 skipped), ``.json`` (a list of strings or of objects with ``prompt``/``caption``/``text``,
 or an object with a ``prompts`` list), ``.jsonl`` (one string or object per line) and
-``.csv``/``.tsv`` (a ``prompt``/``caption``/``text`` column).
+``.csv``/``.tsv`` (a ``prompt``/``caption``/``text`` column). Files are read as UTF-8 (a
+leading byte-order mark is dropped); one that is not valid UTF-8 raises :class:`DataError`
+naming it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -17,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from fastgen.data.folders import read_utf8
 from fastgen.errors import DataError
 
 __all__ = ["load_prompts", "PromptDataset", "ensure_batch", "PROMPT_FIELDS"]
@@ -43,7 +47,7 @@ def _from_entry(entry: Any, where: str) -> str:
 
 def _read_txt(path: Path) -> list[str]:
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_utf8(path).splitlines():
         text = line.strip()
         if text and not text.startswith("#"):
             prompts.append(text)
@@ -52,7 +56,7 @@ def _read_txt(path: Path) -> list[str]:
 
 def _read_json(path: Path) -> list[str]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"prompt file '{path}' is not valid JSON ({exc}); fix the syntax") from exc
     if isinstance(data, dict) and isinstance(data.get("prompts"), list):
@@ -67,7 +71,7 @@ def _read_json(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     prompts = []
-    with path.open(encoding="utf-8") as fh:
+    with io.StringIO(read_utf8(path), newline=None) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -83,7 +87,7 @@ def _read_jsonl(path: Path) -> list[str]:
 
 def _read_csv(path: Path) -> list[str]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_utf8(path), newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         columns = [c for c in (reader.fieldnames or [])]
         lookup = {c.strip().lower(): c for c in columns if c is not None}

@@ -8,7 +8,11 @@ its base name) is used instead.
 
 A sample needs an image under one of the keys ``jpg``/``jpeg``/``png``/``webp`` and a
 caption under ``txt``/``caption`` or inside a ``json`` member (``caption``/``text``/
-``prompt`` field).
+``prompt`` field). Captions are UTF-8; a sample whose caption is not is skipped like any
+other unreadable sample, with a message that says so.
+
+:func:`check_shards` tells an empty, non-tar or sample-less shard file apart before training
+starts (:func:`fastgen.data.sources.build_dataset` runs it).
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ import random
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
 
 from fastgen.data.folders import (
     CAPTION_FIELDS,
+    _caption_limit,
     check_valid_fraction,
     decode_image,
+    decode_utf8,
     image_to_tensor,
     normalize_resolution,
     resize_center_crop,
+    warn_long_captions,
+    whitespace_tokens,
 )
 from fastgen.errors import DataError
 from fastgen.io import atomic_file
@@ -45,14 +53,17 @@ try:  # pragma: no branch
 except Exception:  # pragma: no cover - exercised only without webdataset
     HAVE_WEBDATASET = False
 
-__all__ = ["ImageCaptionShards", "expand_shards", "write_shards", "IMAGE_KEYS", "CAPTION_KEYS"]
+__all__ = [
+    "ImageCaptionShards", "check_shards", "expand_shards", "write_shards", "IMAGE_KEYS", "CAPTION_KEYS", "SHARD_SUFFIXES",
+]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS: tuple[str, ...] = ("txt", "caption")
 MIN_SEEN_FOR_CHECK = 20
-_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+#: File endings read as webdataset shards.
+SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 
 
 # --------------------------------------------------------------------------- shard lists
@@ -95,7 +106,7 @@ def expand_shards(source: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         text = os.fspath(source)
         path = Path(text)
         if path.is_dir():
-            paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.endswith(_SHARD_SUFFIXES))
+            paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
             if not paths:
                 raise DataError(
                     f"shard folder '{path}' contains no .tar shards; point to a folder of webdataset "
@@ -168,16 +179,72 @@ def _iter_tar_samples(path: str, on_error) -> Iterator[dict[str, Any]]:
 
 
 def _caption_of(sample: dict[str, Any]) -> str | None:
+    name = sample.get("__key__", "?")
     for key in CAPTION_KEYS:
         if key in sample:
-            return bytes(sample[key]).decode("utf-8").strip()
+            return decode_utf8(sample[key], f"caption member '{name}.{key}'").strip()
     if "json" in sample:
-        record = json.loads(bytes(sample["json"]).decode("utf-8"))
+        record = json.loads(decode_utf8(sample["json"], f"caption member '{name}.json'"))
         if isinstance(record, dict):
             for key in CAPTION_FIELDS:
                 if isinstance(record.get(key), str):
                     return record[key].strip()
     return None
+
+
+def check_shards(paths: Iterable[str]) -> None:
+    """Check that each shard is a readable tar holding at least one image+caption sample.
+
+    Only the start of each shard is read: the check stops at its first complete sample.
+
+    Raises:
+        DataError: naming the first bad shard and what is wrong with it ("is empty",
+            "is not a tar archive or is damaged", "holds no image+caption pair").
+    """
+    fix = "re-create it (e.g. with fastgen.data.shards.write_shards) or leave it out of data.source"
+    for path in paths:
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"shard '{path}' is empty (0 bytes); {fix}")
+        members = 0
+        current: dict[str, Any] = {}
+        try:
+            with tarfile.open(path, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    members += 1
+                    key, ext = _split_name(info.name)
+                    if key is None or ext is None or os.path.basename(key).startswith("__"):
+                        continue
+                    if current.get("__key__") != key:
+                        current = {"__key__": key}
+                    ext = ext.lower()
+                    if ext in IMAGE_KEYS:
+                        current[ext] = b""  # presence is enough; images are not decoded here
+                    elif ext in CAPTION_KEYS or ext == "json":
+                        fh = tar.extractfile(info)
+                        current[ext] = fh.read() if fh is not None else b""
+                    if any(k in current for k in IMAGE_KEYS):
+                        try:
+                            if _caption_of(current) is not None:
+                                break
+                        except Exception:  # an unreadable caption: look further
+                            pass
+                else:
+                    found = f"none of its {members} files form one" if members else "it has no files"
+                    raise DataError(
+                        f"shard '{path}' holds no image+caption pair ({found}); each sample needs an image member "
+                        f"({'/'.join(IMAGE_KEYS)}) and a caption (.txt/.caption, or .json with a caption/text/prompt "
+                        f"field) under the same key, e.g. 000001.png + 000001.txt; {fix}"
+                    )
+        except DataError:
+            raise
+        except PermissionError as exc:
+            raise DataError(f"shard '{path}' cannot be read ({exc}); check its permissions") from exc
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(
+                f"shard '{path}' is not a tar archive or is damaged ({type(exc).__name__}: {exc}); {fix}"
+            ) from exc
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -211,6 +278,10 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
             seeded by ``seed`` and :meth:`set_epoch`).
         shuffle_buffer: if > 0, shuffle samples within a buffer of this size.
         seed: base seed of the shuffles.
+        max_caption_tokens, count_tokens: as for :class:`~fastgen.data.folders.ImageCaptionFolder`:
+            captions longer than ``max_caption_tokens`` are counted in :attr:`num_long_captions`
+            (over the current pass) and, at the end of the first pass that met any, one warning
+            names how many.
 
     Every sample is produced exactly once per epoch across all consumers. ``index`` is the
     sample's position in the full, unsplit stream of the (possibly shuffled) shard list
@@ -240,6 +311,8 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
         shuffle_shards: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        max_caption_tokens: int | None = None,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
@@ -268,6 +341,10 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
         self.num_bad = 0
         self.bad_files: list[str] = []
         self.shard_errors: list[str] = []
+        self.max_caption_tokens = _caption_limit(max_caption_tokens)
+        self.count_tokens: Callable[[str], int] = count_tokens or whitespace_tokens
+        self.num_long_captions = 0
+        self._warned_long_captions = False
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used to seed the shuffles (call before iterating)."""
@@ -350,6 +427,9 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
         yield from buffer
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        limit = self.max_caption_tokens
+        self.num_long_captions = 0
+        num_captions = 0
         for index, shard, sample in self._shuffled(self._raw_stream()):
             name = f"{shard}:{sample.get('__key__')}"
             self.num_seen += 1
@@ -364,10 +444,20 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
                 continue
             if self.num_seen >= MIN_SEEN_FOR_CHECK and self.num_bad:
                 self._check_floor()
+            if limit is not None:
+                num_captions += 1
+                if self.count_tokens(caption) > limit:
+                    self.num_long_captions += 1
             if self.caption_dropout > 0 and bool(torch.rand(()) < self.caption_dropout):
                 caption = ""
             yield {"pixels": pixels, "caption": caption, "index": index, "key": name}
         self._check_floor()
+        if limit is not None and self.num_long_captions and not self._warned_long_captions:
+            self._warned_long_captions = True
+            warn_long_captions(
+                f"the shards ({len(self.shards)} files, rank {self.rank})", self.num_long_captions, num_captions,
+                limit, self.count_tokens,
+            )
 
     def __repr__(self) -> str:
         h, w = self.size

@@ -35,7 +35,7 @@ from fastgen.data.cache import CachedDataset, EmbeddingCache, cache_key
 from fastgen.data.digits import DigitsDataset
 from fastgen.data.folders import ImageCaptionFolder
 from fastgen.data.prompts import load_prompts
-from fastgen.data.shards import ImageCaptionShards
+from fastgen.data.shards import SHARD_SUFFIXES, ImageCaptionShards, check_shards, expand_shards
 from fastgen.data.teacher_samples import load_or_generate
 from fastgen.errors import ConfigError, DataError
 
@@ -115,7 +115,11 @@ def default_cache_root() -> Path:
 
 def _is_shards(source: str) -> bool:
     path = Path(source)
-    return source.endswith(".tar") or "{" in source or (path.is_dir() and any(path.glob("*.tar")))
+    return (
+        source.endswith(SHARD_SUFFIXES)
+        or "{" in source
+        or (path.is_dir() and any(p.name.endswith(SHARD_SUFFIXES) for p in path.iterdir()))
+    )
 
 
 def source_kind(spec: DataConfig) -> str:
@@ -146,7 +150,7 @@ def source_prompts(spec: DataConfig) -> list[str]:
 
 def build_latent_cache(spec: DataConfig, raw: Any, teacher: TeacherLike, teacher_id: str, resolution: int) -> CachedDataset:
     """Encode ``raw`` (pixels + captions) once with ``teacher`` into the latent cache of ``spec`` and return it."""
-    key = cache_key("lcd-latents-v1", teacher_id, resolution, spec.source)
+    key = cache_key("lcd-latents-v2", teacher_id, resolution, spec.source)  # v2: every image mode decoded to 8-bit RGB
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_root() / "lcd-latents" / key[:16]
     device = getattr(teacher, "device", torch.device("cpu"))
 
@@ -172,6 +176,8 @@ def build_dataset(
     generate: Callable[[list[str]], torch.Tensor] | None = None,
     generation_key: Sequence[Any] = (),
     accepts: Sequence[str] = ("digits", "folder", "shards", "cache"),
+    count_tokens: Callable[[str], int] | None = None,
+    max_caption_tokens: int | None = None,
 ) -> torch.utils.data.Dataset:
     """The training dataset of ``spec`` (map-style).
 
@@ -182,6 +188,8 @@ def build_dataset(
         generate: ``prompts -> latents [N, C, h, w]`` for ``teacher-samples``.
         generation_key: everything else that determines the teacher samples (steps, guidance, ...).
         accepts: the source kinds the calling method can train on.
+        count_tokens, max_caption_tokens: captions of folders and shards longer than this many tokens
+            (counted with ``count_tokens``, e.g. the teacher's tokenizer) are counted and reported once.
 
     Raises:
         DataError / ConfigError: an unknown or unusable source, naming the fix.
@@ -208,12 +216,16 @@ def build_dataset(
                 "rebuild it with data.latent_cache=true and data.source=<the image data>"
             )
         return ds
+    captions = {"max_caption_tokens": max_caption_tokens, **({"count_tokens": count_tokens} if count_tokens else {})}
     if kind == "digits":
         raw: Any = DigitsDataset("train", resolution)
     elif kind == "shards":
-        raw = ImageCaptionShards(spec.source, resolution=resolution, shuffle_shards=True, shuffle_buffer=1000, seed=spec.seed)
+        # An empty, non-tar or sample-less shard is named here, before any advice about the cache.
+        check_shards(expand_shards(spec.source))
+        raw = ImageCaptionShards(spec.source, resolution=resolution, shuffle_shards=True, shuffle_buffer=1000, seed=spec.seed,
+                                 **captions)
     else:
-        raw = ImageCaptionFolder(Path(spec.source), resolution=resolution)
+        raw = ImageCaptionFolder(Path(spec.source), resolution=resolution, **captions)
     if spec.latent_cache:
         if teacher is None:
             raise ConfigError("data.latent_cache=true needs a method with a teacher to encode the data")

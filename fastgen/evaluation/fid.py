@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastgen.data.folders import decode_image
 from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.io import atomic_write_bytes
 
@@ -307,12 +308,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def read_image(path: Path) -> torch.Tensor:
     """One image file as uint8 [3,H,W]; a corrupt file is an error naming it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        arr = np.asarray(decode_image(path))  # every mode to 8-bit RGB (16-bit grey, palette, alpha, CMYK)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

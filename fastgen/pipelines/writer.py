@@ -4,8 +4,13 @@ A method declares what its export is (an :class:`ExportPlan`): the teacher's loa
 components it replaces (a student UNet, a CLEAR transformer, a scheduler), ``model_index.json``
 entries naming our own classes, or LoRA weights for the teacher; plus the facts for
 ``fastgen_export.json`` and the model card. :func:`write_pipeline` writes it into a temp folder
-next to the target and renames it into place when complete (:func:`fastgen.io.atomic_folder`),
+next to the target and renames it into place when complete (:func:`fastgen.io.replace_folder`),
 so a failure or a kill never leaves a half-written export. It never imports the trainers.
+
+The target must be absent, empty, or an earlier export (replaced only with ``overwrite``, and only
+when it holds nothing but the files that export wrote, listed in its ``.fastgen-folder`` marker):
+never a run folder, a folder of the user's files, or a folder given in ``protect`` (the run being
+exported), see :func:`fastgen.io.check_folder`.
 
 Export kinds:
 
@@ -23,12 +28,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from fastgen.errors import FastgenError
-from fastgen.io import atomic_folder, atomic_write_json
+from fastgen.io import atomic_write_json, replace_folder
 from fastgen.pipelines.model_card import write_model_card
 
 __all__ = ["ExportError", "ExportExistsError", "ExportPlan", "build_pipeline", "read_run_metrics", "write_pipeline"]
@@ -120,36 +125,33 @@ def write_pipeline(
     out_dir: str | os.PathLike[str],
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    protect: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write ``plan`` into ``out_dir`` atomically, with ``fastgen_export.json`` and a README.md model card.
 
     Args:
         metadata: facts for the card and the json (``metrics``: {name: value}, ``run_dir``, ...).
-        overwrite: replace an existing ``out_dir`` (only after the new export is complete).
+        overwrite: replace an earlier export in ``out_dir`` (only after the new export is complete; never a
+            folder holding files that export did not write).
+        protect: folders the export must not be, lie inside or contain (the run folder being exported).
 
     Raises:
-        ExportExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        ExportError: ``out_dir`` is a file, its parent cannot be written, or the plan is incomplete.
+        ExportExistsError: ``out_dir`` holds an export and ``overwrite`` is false.
+        ExportError: ``out_dir`` is a file, not empty and not an export (a run folder, the user's files),
+            an export holding files it did not write, one of ``protect`` (or inside/around it), cannot be
+            written, or the plan is incomplete.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"export path '{out}' is a file; pass a folder path that does not exist yet")
-    if out.exists() and not overwrite:
-        raise ExportExistsError(
-            f"export folder '{out}' already exists; choose a new folder or pass overwrite=True (--overwrite) to replace it"
-        )
     metadata = dict(metadata or {})
     info = dict(plan.info)
     info["metadata"] = {k: v for k, v in metadata.items() if k != "metrics"}
     info["metrics"] = metadata.get("metrics") or {}
-    try:
-        with atomic_folder(out, tag="exporting") as tmp:
-            _write_plan(plan, tmp)
-            atomic_write_json(tmp / "fastgen_export.json", info)
-            if plan.card is not None:
-                write_model_card(tmp, plan.card(info))
-    except PermissionError as exc:
-        raise ExportError(f"cannot write the export '{out}': {exc}; choose a folder you can write to") from exc
+    with replace_folder(out, "export", overwrite=overwrite, protect=protect, error=ExportError,
+                        exists_error=ExportExistsError, tag="exporting") as tmp:
+        _write_plan(plan, tmp)
+        atomic_write_json(tmp / "fastgen_export.json", info)
+        if plan.card is not None:
+            write_model_card(tmp, plan.card(info))
     return out
 
 

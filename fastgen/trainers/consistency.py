@@ -358,7 +358,9 @@ class ConsistencyMethod(Method):
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         loaded = self.nets.loaded
-        return build_dataset(self.data_config, resolution=loaded.resolution, teacher=loaded.teacher, teacher_id=str(loaded.path.resolve()))
+        tokenizer = loaded.teacher.pipeline().tokenizer  # long captions are truncated by it: counted and reported once
+        return build_dataset(self.data_config, resolution=loaded.resolution, teacher=loaded.teacher, teacher_id=str(loaded.path.resolve()),
+                             count_tokens=lambda c: len(tokenizer(c).input_ids), max_caption_tokens=int(tokenizer.model_max_length))
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         return self.nets.state()

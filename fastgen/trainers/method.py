@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -52,7 +53,7 @@ from fastgen.errors import ConfigError
 from fastgen.models.spec import TeacherConfig
 from fastgen.trainers.engine.optim import OptimizerSpec
 
-__all__ = ["DIGITS_SAMPLE_PROMPTS", "ExportConfig", "METHODS", "Method", "SampleConfig", "StepOutput", "get_method", "register_method"]
+__all__ = ["BUILTIN_METHODS", "DIGITS_SAMPLE_PROMPTS", "ExportConfig", "METHODS", "Method", "SampleConfig", "StepOutput", "get_method", "register_method"]
 
 #: Prompts of the sample grids when a recipe gives none (digits-world captions).
 DIGITS_SAMPLE_PROMPTS: list[str] = [
@@ -230,15 +231,42 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+#: Methods that ship with fastgen: the module ``fastgen.trainers.<name with _ for ->`` registers each.
+BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "clear")
+
+
+def _import_method_module(name: str) -> None:
+    """Import ``fastgen.trainers.<name>`` if such a module exists (it registers the method)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        return
+    module = f"fastgen.trainers.{name.replace('-', '_')}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module and not module.startswith(f"{exc.name}."):
+            raise  # the module exists but needs a package that is not installed
+
+
 def get_method(name: str) -> type[Method]:
-    """The registered method class of ``name`` (importing ``fastgen.trainers.<name>`` on first use)."""
+    """The registered method class of ``name`` (importing ``fastgen.trainers.<name>`` on first use).
+
+    Raises:
+        ConfigError: no method of that name; the message suggests the closest one and lists all of them
+            (the built-in methods and any registered by imported modules).
+    """
     if name not in METHODS:
-        try:
-            importlib.import_module(f"fastgen.trainers.{name.replace('-', '_')}")
-        except ModuleNotFoundError:
-            pass
+        _import_method_module(str(name))
     if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join(sorted(METHODS)) or 'none'}"
-        raise ConfigError(f"unknown method '{name}'{hint}")
+        for builtin in BUILTIN_METHODS:
+            try:
+                _import_method_module(builtin)
+            except ImportError:
+                continue  # listed as available only where its dependencies are installed
+        available = sorted(METHODS)
+        close = difflib.get_close_matches(str(name), available, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown method '{name}'; {hint}available methods: {', '.join(available) or 'none'} "
+            f"(or give a packaged recipe such as lcd-digits, or a recipe YAML with --config)"
+        )
     return METHODS[name]

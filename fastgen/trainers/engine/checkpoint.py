@@ -23,7 +23,10 @@ crash between 2 and 3 leaves a finished but unreferenced folder that ``latest`` 
 ``latest`` therefore only ever names a complete folder.
 
 Nothing is unpickled: weights are safetensors, the rest loads with ``torch.load(weights_only=True)``
-(RNG states are stored as tensors, ints and floats for that reason).
+(RNG states are stored as tensors, ints and floats for that reason). A file that does not load (torn,
+overwritten, a pickle carrying code) raises one :class:`CheckpointError` naming the file and the way
+out: ``previous`` (``--resume previous``) is the newest finished checkpoint before the one ``latest``
+names.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ __all__ = [
     "list_checkpoints",
     "read_latest",
     "find_checkpoint",
+    "checkpoint_step",
+    "corrupt_file_error",
     "write_latest",
     "begin_checkpoint",
     "finish_checkpoint",
@@ -66,6 +71,7 @@ __all__ = [
     "load_trainer_state",
     "rng_file_name",
     "capture_rng_state",
+    "load_rng_state",
     "restore_rng_state",
     "remove_stale_temp",
     "save_checkpoint",
@@ -121,8 +127,23 @@ def _is_complete(path: Path) -> bool:
     return (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file()
 
 
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+    """The step in a checkpoint folder's name (``checkpoint-000200`` -> 200), None for other names."""
+    m = _CKPT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _previous_of(ckpt_dir: Path, step: int) -> Path | None:
+    older = [p for s, p in list_checkpoints(ckpt_dir) if s < step and _is_complete(p)]
+    return older[-1] if older else None
+
+
 def find_checkpoint(run_dir: str | os.PathLike[str], which: str | os.PathLike[str] = "latest", *, purpose: str = "resume") -> Path:
-    """Resolve ``which`` (``"latest"``, a checkpoint folder name, or a path) to a finished checkpoint.
+    """Resolve ``which`` to a finished checkpoint folder.
+
+    ``which``: ``"latest"`` (what ``checkpoints/latest`` names; the newest finished folder when that
+    file is lost), ``"previous"`` (the newest finished checkpoint before the one ``latest`` names: the
+    way past a corrupt latest checkpoint), a checkpoint folder name, or a path.
 
     Raises:
         CheckpointError: naming the run folder, what is missing, and what to do instead.
@@ -135,22 +156,30 @@ def find_checkpoint(run_dir: str | os.PathLike[str], which: str | os.PathLike[st
         else "train longer so that a checkpoint is written (train.checkpoint_every), or pass a run folder that has one"
     )
     which_s = str(which)
-    if which_s == "latest":
+    if which_s in ("latest", "previous"):
         name = read_latest(ckpt_dir)
-        if name is None:
-            finished = [p for _, p in list_checkpoints(ckpt_dir) if _is_complete(p)]
+        finished = [p for _, p in list_checkpoints(ckpt_dir) if _is_complete(p)]
+        if name is None or which_s == "previous" and checkpoint_step(name) is None:
             if not finished:
                 raise CheckpointError(
                     f"no finished checkpoint in run folder '{run_dir}' (no '{ckpt_dir / LATEST_FILE}' and no "
                     f"complete checkpoint-* folder) to {purpose} from; {fix}"
                 )
             # `latest` lost (deleted by hand): the newest complete folder is the best guess.
-            return finished[-1]
+            name = finished[-1].name
+        if which_s == "previous":
+            previous = _previous_of(ckpt_dir, checkpoint_step(name))  # type: ignore[arg-type]
+            if previous is None:
+                raise CheckpointError(
+                    f"no finished checkpoint before '{name}' in '{ckpt_dir}' to {purpose} from; "
+                    + ("start a fresh run in a new folder (output_dir=...)" if purpose == "resume" else fix)
+                )
+            return previous
         path = ckpt_dir / name
         if not _is_complete(path):
             raise CheckpointError(
                 f"'{ckpt_dir / LATEST_FILE}' names '{name}', but '{path}' is missing or lacks "
-                f"{MODEL_FILE}/{STATE_FILE}; restore that folder or pass an older checkpoint folder explicitly"
+                f"{MODEL_FILE}/{STATE_FILE}; {_previous_hint(path, purpose)}"
             )
         return path
     path = Path(which_s)
@@ -160,7 +189,37 @@ def find_checkpoint(run_dir: str | os.PathLike[str], which: str | os.PathLike[st
             return c
     raise CheckpointError(
         f"checkpoint '{which_s}' not found or incomplete (looked in: {', '.join(str(c) for c in candidates)}; "
-        f"a finished checkpoint holds {MODEL_FILE} and {STATE_FILE}); pass 'latest' or an existing checkpoint folder"
+        f"a finished checkpoint holds {MODEL_FILE} and {STATE_FILE}); pass 'latest', 'previous' or an existing "
+        "checkpoint folder"
+    )
+
+
+def _previous_hint(checkpoint: Path, purpose: str) -> str:
+    """What to do about a broken checkpoint folder: continue from the finished one before it."""
+    step = checkpoint_step(checkpoint)
+    previous = _previous_of(checkpoint.parent, step) if step is not None else None
+    if previous is None:
+        return ("there is no finished checkpoint before it; restore the file or start a fresh run in a new folder "
+                "(output_dir=...)")
+    finished = [p for _, p in list_checkpoints(checkpoint.parent) if _is_complete(p)]
+    latest = read_latest(checkpoint.parent) or (finished[-1].name if finished else None)
+    which = "previous" if checkpoint.name == latest else str(previous)
+    how = f"--resume {which}" if purpose == "resume" else f"the checkpoint '{which}' (fastgen export RUN OUT --checkpoint {which})"
+    return f"{how} continues from '{previous.name}', the finished checkpoint before it (or restore the file)"
+
+
+def corrupt_file_error(file: str | os.PathLike[str], exc: BaseException | str, purpose: str = "resume") -> CheckpointError:
+    """The one error for a checkpoint file that does not load: names the file, the cause, the way out."""
+    file = Path(file)
+    detail = str(exc) if isinstance(exc, str) else (str(exc).strip().splitlines() or [""])[0]
+    if not isinstance(exc, str):
+        module = type(exc).__module__.split(".")[0].lstrip("_")
+        label = type(exc).__name__ if module == "builtins" else f"{module}.{type(exc).__name__}"
+        detail = f"{label}: {detail}" if detail else label
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    return CheckpointError(
+        f"checkpoint file '{file}' is corrupt or unsafe to load ({detail}); {_previous_hint(file.parent, purpose)}"
     )
 
 
@@ -268,28 +327,55 @@ def finish_checkpoint(ckpt_dir: str | os.PathLike[str], tmp: Path, step: int, ke
 # --------------------------------------------------------------------------- reading
 
 
-def load_model_state(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_model_state(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, purpose: str = "load"
+) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint folder (or a ``model.safetensors`` path).
+
+    Raises:
+        CheckpointError: the file is missing, or corrupt (named, with the finished checkpoint before it).
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
     f = path / MODEL_FILE if path.is_dir() else path
     if not f.is_file():
         raise CheckpointError(f"'{f}' is missing; the checkpoint folder is incomplete")
-    return load_file(str(f), device=str(device))
+    try:
+        return load_file(str(f), device=str(device))
+    except Exception as exc:  # SafetensorError, OSError, ...: the file does not load
+        raise corrupt_file_error(f, exc, purpose) from exc
 
 
-def load_torch(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
-    return torch.load(str(path), map_location=map_location, weights_only=True)
+def load_torch(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, purpose: str = "resume") -> Any:
+    """``torch.load(weights_only=True)``: plain containers only, never code.
+
+    Raises:
+        CheckpointError: the file is missing, torn, or a pickle of anything but tensors and containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' is missing; the checkpoint folder is incomplete")
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        # pickle.UnpicklingError (also a pickle that would run code), RuntimeError, EOFError, OSError, and
+        # whatever else the unpickler trips over on arbitrary bytes (struct.error, ...)
+        raise corrupt_file_error(path, exc, purpose) from exc
 
 
-def load_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_trainer_state(path: str | os.PathLike[str], *, purpose: str = "resume") -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint folder (must hold the integer ``step``)."""
     f = Path(path) / STATE_FILE
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        state = json.loads(f.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"'{f}' is missing; the checkpoint folder is incomplete") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"'{f}' is not valid JSON ({exc}); the checkpoint is corrupt, use an older one") from exc
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        raise corrupt_file_error(f, exc, purpose) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise corrupt_file_error(f, "no integer 'step' in it", purpose)
+    return state
 
 
 # --------------------------------------------------------------------------- RNG
@@ -320,6 +406,22 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(path: str | os.PathLike[str], *, purpose: str = "resume") -> dict[str, Any]:
+    """An RNG state file (``rng.pt``) loaded with weights_only and checked for the expected entries."""
+    state = load_torch(path, purpose=purpose)
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("torch"), torch.Tensor)
+        and isinstance(state.get("numpy"), dict)
+        and isinstance(state["numpy"].get("keys"), torch.Tensor)
+        and isinstance(state.get("python"), dict)
+        and isinstance(state["python"].get("internal"), torch.Tensor)
+    )
+    if not ok:
+        raise corrupt_file_error(path, "not an RNG state written by the fastgen trainer", purpose)
     return state
 
 

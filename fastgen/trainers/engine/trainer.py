@@ -64,6 +64,7 @@ from fastgen.trainers.engine.optim import OptimizerSpec, ResolvedSpec, build_opt
 from fastgen.trainers.method import Method, StepOutput
 
 __all__ = [
+    "CONFIG_CHANGES_FILE",
     "TrainConfig",
     "Trainer",
     "NonFiniteLossError",
@@ -71,6 +72,12 @@ __all__ = [
     "make_accelerator",
     "lr_lambda",
 ]
+
+
+#: RUN_DIR/config-changes.jsonl: configuration changes accepted at a resume, one JSON line per key
+#: (``step``, ``checkpoint``, ``key``, ``old``, ``new``, ``reason``, ``time``); append-only, config.yaml
+#: keeps the values the run started with
+CONFIG_CHANGES_FILE = "config-changes.jsonl"
 
 
 class NonFiniteLossError(FastgenError, RuntimeError):
@@ -286,6 +293,9 @@ class Trainer:
         accelerator: an existing ``Accelerator`` (default: :func:`make_accelerator`).
         evaluator: ``evaluator(method, step) -> dict`` run every ``eval_every`` iterations (main process);
             None: no evaluation rows.
+        config_changes: configuration changes accepted for a resume (``{"key", "old", "new", "reason"}``
+            each, see :func:`~fastgen.trainers.engine.run.prepare_run`); appended with the step to
+            RUN_DIR/config-changes.jsonl once the checkpoint has loaded.
 
     Sample grids use ``method.sample_settings()`` (prompts, steps, seed); ``method.sample`` gets a
     ``torch.Generator`` on the accelerator device seeded with that seed. Sampling and evaluation run on
@@ -300,8 +310,11 @@ class Trainer:
         *,
         accelerator=None,
         evaluator: Callable[[Method, int], Mapping[str, Any]] | None = None,
+        config_changes: list[Mapping[str, Any]] | tuple = (),
     ):
         self.evaluator = evaluator
+        self.config_changes = list(config_changes)
+        self._rng_file: Path | None = None
         if not isinstance(method, Method):
             raise TypeError(f"Trainer needs a fastgen Method, got {type(method).__name__}")
         self.method = method
@@ -478,7 +491,10 @@ class Trainer:
         data_iter = iter(loader)
 
         if rng_state is not None:
-            ckpt.restore_rng_state(rng_state)  # last: nothing above may shift the streams
+            try:
+                ckpt.restore_rng_state(rng_state)  # last: nothing above may shift the streams
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+                raise ckpt.corrupt_file_error(self._rng_file, exc) from exc
 
         from tqdm.auto import tqdm
 
@@ -782,18 +798,44 @@ class Trainer:
         return final
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any] | None:
-        """Restore method, optimizers, schedulers and counters; returns this rank's RNG state."""
+        """Restore method, optimizers, schedulers and counters; returns this rank's RNG state.
+
+        Every file is read and checked before anything is restored or the timeline changes (``latest``,
+        later checkpoints), so a corrupt file fails the resume with one CheckpointError naming it (and
+        the finished checkpoint before it, ``--resume previous``).
+        """
         state = ckpt.load_trainer_state(path)
-        self.method.load_checkpoint_state_dict(ckpt.load_model_state(path, device="cpu"))
-        opt_file = path / state.get("optimizer_file", ckpt.OPTIMIZER_FILE)
+        try:
+            step, data_position = int(state["step"]), int(state["data_position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ckpt.corrupt_file_error(
+                path / ckpt.STATE_FILE, f"'step' or 'data_position' missing or not an integer: {type(exc).__name__}: {exc}"
+            ) from exc
+        model_state = ckpt.load_model_state(path, device="cpu", purpose="resume")
+        opt_file = path / str(state.get("optimizer_file", ckpt.OPTIMIZER_FILE))
         if not opt_file.is_file():
             raise ckpt.CheckpointError(f"'{opt_file}' is missing; checkpoint '{path}' cannot be resumed from (only loaded)")
         opt_state = ckpt.load_torch(opt_file, map_location=self.device)
+        if not (isinstance(opt_state, dict) and isinstance(opt_state.get("optimizers"), dict)
+                and isinstance(opt_state.get("schedulers"), dict)):
+            raise ckpt.corrupt_file_error(opt_file, "not an optimizer state written by the fastgen trainer")
+        rng_files = state.get("rng_files")
+        rng_name = rng_files.get(str(self.rank)) if isinstance(rng_files, dict) else None
+        rng_file = path / str(rng_name or ckpt.rng_file_name(self.rank))
+        rng_state = ckpt.load_rng_state(rng_file) if rng_file.is_file() else None
         if set(opt_state["optimizers"]) != set(self.optimizers):
             raise ckpt.CheckpointError(
                 f"checkpoint '{path}' has optimizers {sorted(opt_state['optimizers'])}, this method has "
                 f"{sorted(self.optimizers)}; resume with the same method and options"
             )
+        try:
+            self.method.load_checkpoint_state_dict(model_state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ckpt.CheckpointError(
+                f"the weights in '{path / ckpt.MODEL_FILE}' do not fit method '{self.method.name}' as configured "
+                f"({type(exc).__name__}: {first}); resume with the method options the run was trained with"
+            ) from exc
         try:
             for n, opt in self.optimizers.items():
                 opt.load_state_dict(opt_state["optimizers"][n])
@@ -802,10 +844,11 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"cannot restore the optimizer state from '{path}': {exc}; resume with the same method options"
             ) from exc
+        self._apply_configured_hyperparameters()
         if self.scaler is not None and opt_state.get("scaler"):
             self.scaler.load_state_dict(opt_state["scaler"])
-        self.step = int(state["step"])
-        self.data_position = int(state["data_position"])
+        self.step = step
+        self.data_position = data_position
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.last_checkpoint = path
@@ -818,15 +861,51 @@ class Trainer:
             )
         if self.is_main:
             self._adopt_timeline(path)
+            self._record_config_changes(path)
         self.accelerator.wait_for_everyone()
-        rng_file = path / state.get("rng_files", {}).get(str(self.rank), ckpt.rng_file_name(self.rank))
-        if rng_file.is_file():
-            return ckpt.load_torch(rng_file)
+        if rng_state is not None:
+            self._rng_file = rng_file
+            return rng_state
         warnings.warn(f"no RNG state for rank {self.rank} in '{path}'; reseeding (random streams differ from the original run)")
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed + self.rank + 1000003 * self.step)
         return None
+
+    def _apply_configured_hyperparameters(self) -> None:
+        """After loading optimizer states: the configured learning rate, betas, eps, weight decay and
+        momentum win over the saved ones (they differ only where a resume accepted a configuration
+        change), and each group's current LR is the schedule's value at its restored position. Internal
+        entries (e.g. Prodigy's estimates) and the optimizer state stay as saved."""
+        for name, opt in self.optimizers.items():
+            spec, sched = self.specs[name], self.schedulers[name]
+            wanted = {"weight_decay": spec.weight_decay, "betas": tuple(spec.betas), "eps": spec.eps, "momentum": spec.momentum}
+            for i, group in enumerate(opt.param_groups):
+                for key, value in wanted.items():
+                    if key in group and (tuple(group[key]) if key == "betas" else group[key]) != value:
+                        group[key] = value
+                if sched.base_lrs[i] != spec.learning_rate:
+                    sched.base_lrs[i] = spec.learning_rate
+                    group["initial_lr"] = spec.learning_rate
+                lr = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
+                if group["lr"] != lr:
+                    group["lr"] = lr
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+    def _record_config_changes(self, path: Path) -> None:
+        """Append the configuration changes accepted for this resume to RUN_DIR/config-changes.jsonl."""
+        if not self.config_changes:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        lines = "".join(
+            json.dumps({"step": self.step, "checkpoint": path.name, **dict(change), "time": stamp}, default=str) + "\n"
+            for change in self.config_changes
+        )
+        with open(self.run_dir / CONFIG_CHANGES_FILE, "a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.config_changes = []
 
     def _adopt_timeline(self, path: Path) -> None:
         """After resuming from ``path``: `latest` names it, later checkpoints/metrics of this run are set aside."""
