@@ -220,11 +220,15 @@ def test_ratio_breakdown_explains_the_gap_to_the_evaluation_ratio():
 
 def test_demo_trains_exports_reloads_and_scores_the_student(tiny_sd, tmp_path, monkeypatch, capsys):
     """`fastgen demo` orchestration (fastgen.workflows.demo) with the teachers' check, the training and the
-    export replaced by stand-ins; the tiny pipeline plays teacher and exported student."""
+    export replaced by stand-ins; the tiny pipeline plays teacher and exported student. The teacher is
+    sampled once: its row in the student table is scored from the images of the teachers' step."""
+    import torch
+
+    import fastgen.evaluation.bench as ebench
     import fastgen.workflows.export
     import fastgen.workflows.train
     import fastgen.zoo.check
-    from fastgen.workflows.demo import run_demo
+    from fastgen.workflows.demo import DEMO_TABLE_SAMPLES, run_demo
     from fastgen.zoo import paths
 
     root = tmp_path / "artifacts"
@@ -234,30 +238,87 @@ def test_demo_trains_exports_reloads_and_scores_the_student(tiny_sd, tmp_path, m
     (root / "classifier").symlink_to(paths.classifier())
     calls = []
 
-    def fake_check(samples, steps, out_dir, root, name, seed):
+    def fake_check(samples, steps, out_dir, root, name, seed, progress=True, keep_images=False, note=""):
         calls.append(("check", samples, steps))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{name}.md").write_text("# teachers\n")
+        (Path(out_dir) / f"{name}.md").write_text(f"# teachers\n{note}\n")
+        g = torch.Generator().manual_seed(seed)
+        images = {"unet_teacher": torch.rand(samples, 3, 32, 32, generator=g),
+                  "dit_teacher": torch.rand(samples, 3, 64, 64, generator=g)}
+        return {"_images": images, "_seconds": {"unet_teacher": 12.3, "dit_teacher": 45.6}} if keep_images else {}
 
+    loaded = []
+    real_load = ebench.load_pipeline_for_bench
+    monkeypatch.setattr(ebench, "load_pipeline_for_bench", lambda folder, *a, **k: loaded.append(str(folder)) or real_load(folder, *a, **k))
     monkeypatch.setattr(fastgen.zoo.check, "check", fake_check)
     monkeypatch.setattr(fastgen.workflows.train, "train",
-                        lambda recipe, overrides, resume=None: calls.append(("train", recipe, overrides[0], resume)))
+                        lambda recipe, overrides, resume=None: calls.append(("train", recipe, overrides, resume)))
     monkeypatch.setattr(fastgen.workflows.export, "export_run",
                         lambda run_dir, out, overwrite=False: calls.append(("export", Path(run_dir).name, overwrite)) or tiny_sd)
     lines = []
-    out = run_demo(samples=6, steps=2, out=tmp_path / "demo", root=root, log=lines.append)
-    assert calls == [("check", 6, 2), ("train", "lcd-digits", f"output_dir={out / 'lcd-digits'}", None),
+    out = run_demo(samples=6, steps=2, out=tmp_path / "demo", root=root, log=lines.append, progress=False)
+    assert calls == [("check", 6, 2), ("train", "lcd-digits", [f"output_dir={out / 'lcd-digits'}", "train.eval_every=0",
+                                                                 "train.progress=false"], None),
                      ("export", "lcd-digits", True)]
     q = json.loads((out / "demo_quality.json").read_text())
-    assert [(r["method"], r["steps"]) for r in q["rows"]] == [("teacher", 50), ("lcd", 1), ("lcd", 2), ("lcd", 4)]
+    assert [(r["method"], r["steps"]) for r in q["rows"]] == [("teacher", 2), ("lcd", 1), ("lcd", 2), ("lcd", 4)]
+    teacher = q["rows"][0]
+    assert teacher["seconds"] == 12.3 and teacher["samples"] == 6  # the teachers' step's images, not sampled again
+    assert loaded == [str(tiny_sd)]  # only the student was loaded for the table
+    assert "reused" in q["protocol"]["pipelines"]["teacher"]["images"]
     assert (out / "lcd_student_4step_grid.png").stat().st_size > 0 and (out / "demo_quality.md").is_file()
+    assert "A first look" in (out / "demo_quality.md").read_text() and "`make bench`" in (out / "demo_quality.md").read_text()
     assert lines[:2] == ["== fastgen demo: the digits world ==", "Shipped teachers (stock diffusers pipeline folders):"]
     assert any(line.startswith("reloaded with stock diffusers: StableDiffusionPipeline") for line in lines)
     assert lines[-1].startswith("demo finished in")
+    # more samples than the demo's tables take: capped, and the tables say so
+    lines.clear()
+    run_demo(samples=DEMO_TABLE_SAMPLES + 100, steps=2, out=tmp_path / "d3", root=root, log=lines.append, skip_students=True)
+    assert calls[-1] == ("check", DEMO_TABLE_SAMPLES, 2)
+    assert f"capped from {DEMO_TABLE_SAMPLES + 100}" in (tmp_path / "d3" / "digits_teachers.md").read_text()
     # the command line: same flags, teachers only
     capsys.readouterr()
     assert main(["demo", "--skip-students", "--samples", "6", "--steps", "2", "--out", str(tmp_path / "d2"),
                  "--root", str(root)]) == 0
     printed = capsys.readouterr().out
-    assert "[1/2] Sampling both teachers (50 steps, CFG) and scoring 6 images each..." in printed
+    assert "[1/2] Sampling both teachers (2 steps, CFG) and scoring 6 images each..." in printed
     assert "teachers done in" in printed and "[2/2]" not in printed and calls[-1] == ("check", 6, 2)
+
+
+def test_sampling_and_scoring_show_progress_on_stderr_only(tiny_sd, tmp_path, capsys):
+    """Bars (images done / total, images/s) go to stderr, move within a pipeline call, and switch off."""
+    from fastgen.evaluation.bench import load_pipeline_for_bench, sample_pipeline
+    from fastgen.pipelines.sampling import ImageProgress
+
+    pipe = load_pipeline_for_bench(tiny_sd)
+    capsys.readouterr()
+    images = sample_pipeline(pipe, ["a red handwritten digit seven"] * 5, 3, 1.0, 0, batch_size=2, height=32, desc="tiny@3")
+    got = capsys.readouterr()
+    assert images.shape == (5, 3, 32, 32) and got.out == ""
+    assert "tiny@3" in got.err and "5/5 img" in got.err and "img/s" in got.err
+    # within one call the bar follows the denoising steps (diffusers' callback_on_step_end)
+    seen = []
+    with ImageProgress(4, "steps") as bar:
+        kw = bar.call_kwargs(pipe, 4, 2)
+        inner = kw["callback_on_step_end"]
+        kw["callback_on_step_end"] = lambda *a: (inner(*a), seen.append(bar.bar.n))[0]
+        pipe(["a"] * 4, num_inference_steps=2, guidance_scale=1.0, output_type="pt", height=32, width=32, **kw)
+    assert seen == [2.0, 4.0]
+    capsys.readouterr()
+    again = sample_pipeline(pipe, ["a red handwritten digit seven"] * 5, 3, 1.0, 0, batch_size=2, height=32, progress=False)
+    assert torch_equal(again, images) and capsys.readouterr().err == ""
+    # `fastgen bench quality`: bars on stderr, the table on stdout; the suite key progress=false turns them off
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(f"name: tiny\nsamples: 6\npipelines:\n  - {{label: s, folder: {tiny_sd}, steps: [1], guidance: 1, height: 32}}\n")
+    args = ["bench", "quality", str(suite), "--out", str(tmp_path)]
+    assert main(args) == 0
+    got = capsys.readouterr()
+    assert "s@1" in got.err and "6/6 img" in got.err and "img/s" not in got.out
+    assert main([*args, "progress=false"]) == 0
+    assert "img/s" not in capsys.readouterr().err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

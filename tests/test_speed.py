@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -277,3 +278,153 @@ def test_sd15_speed_quick_tiny(tmp_path):
     for scope in ("end_to_end", "network"):
         assert isinstance(ratios[scope]["teacher_4/student_1"], float) and ratios[scope]["teacher_4/student_1"] > 1
         assert ratios[scope]["teacher_4/student_0"].startswith("unavailable")
+
+
+# --------------------------------------------------------------------------- honesty: fused LoRA, outside time >= 0
+
+DURATION_KEY = re.compile(r"latency|seconds|(^|_)ms(_|$)|_s(_|$)")
+
+
+def negative_durations(obj, path="") -> list[str]:
+    """Every value under a duration-like key (``latency_s_*``, ``*_s_median``, ``ms_*``, ``seconds``...)
+    that is negative, anywhere in a (JSON) structure."""
+    bad = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{path}.{k}"
+            if DURATION_KEY.search(str(k)):
+                values = v if isinstance(v, list) else [v]
+                bad += [f"{sub}={x}" for x in values if isinstance(x, (int, float)) and not isinstance(x, bool) and x < 0]
+            bad += negative_durations(v, sub)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            bad += negative_durations(v, f"{path}[{i}]")
+    return bad
+
+
+class SlowingDenoiser(torch.nn.Module):
+    """A denoiser that dominates its pipeline and gets slower with every pipeline call (a machine
+    warming up, another job starting): timed in separate calls, the network scope can take longer
+    than the end-to-end scope."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, timestep=None):
+        time.sleep(0.004 * (1 + self.pipe.calls))
+        return self.proj(hidden_states)
+
+
+class SlowingPipe(FakeTransformerPipe):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.transformer = SlowingDenoiser(self)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self.calls += 1
+
+
+def test_outside_denoiser_time_is_measured_in_the_same_calls_and_never_negative():
+    from fastgen.evaluation.bench import explain_breakdown, ratio_breakdown
+
+    rows = []
+    for label, steps in (("teacher", 3), ("student", 1)):
+        rows += measure_pipeline_speed(SlowingPipe(), label=label, prompt="p", steps=steps, guidance=1.0, warmup=0, repeats=3)
+    net = {r["pipeline"]: r for r in rows if r["scope"] == "network"}
+    e2e = {r["pipeline"]: r for r in rows if r["scope"] == "end_to_end"}
+    assert net["teacher"]["latency_s_median"] > e2e["teacher"]["latency_s_median"]  # separate calls: the naive difference is < 0
+    b = ratio_breakdown(rows, ("teacher", 3), ("student", 1))
+    assert negative_durations({"rows": rows, "ratio_breakdown": b}) == []
+    for side in ("numerator", "denominator"):
+        assert b[side]["ms_outside_denoiser"] >= 0 and "same calls" in b[side]["outside_denoiser_measured"]
+    assert "measured in the same calls" in explain_breakdown(b)
+    for r in net.values():
+        # the hooked calls were timed whole too: per call, whole time minus its forwards
+        assert len(r["outside_denoiser_s_all"]) == 3 and min(r["outside_denoiser_s_all"]) >= 0
+        assert r["call_s_median"] >= r["latency_s_median"]
+        assert r["outside_denoiser_s_median"] < 0.5 * r["latency_s_median"]  # the network dominates
+
+
+def test_breakdown_of_rows_without_paired_times_clamps_and_flags():
+    from fastgen.evaluation.bench import explain_breakdown, ratio_breakdown
+
+    def row(p, scope, med, p90):
+        return {"pipeline": p, "steps": 4, "scope": scope, "latency_s_median": med, "latency_s_p90": p90,
+                "network_evals": 4, "network_batch": 1}
+
+    rows = [row("a", "network", 0.100, 0.104), row("a", "end_to_end", 0.098, 0.101),
+            row("b", "network", 0.050, 0.051), row("b", "end_to_end", 0.060, 0.061)]
+    b = ratio_breakdown(rows, ("a", 4), ("b", 4))
+    assert b["numerator"]["ms_outside_denoiser"] == 0 and b["numerator"]["outside_denoiser_clamped"] is True
+    assert b["numerator"]["ms_noise_band"] == pytest.approx(4.0)
+    assert b["denominator"]["ms_outside_denoiser"] == pytest.approx(10.0) and "outside_denoiser_clamped" not in b["denominator"]
+    assert negative_durations(b) == [] and "shown as 0" in explain_breakdown(b)
+
+
+def make_tiny_lora_export(base: Path, folder: Path) -> Path:
+    """A LoRA export (``pytorch_lora_weights.safetensors`` + ``fastgen_export.json``) on the tiny SD pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    folder.mkdir(parents=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    (folder / "fastgen_export.json").write_text(json.dumps({"base_model_path": str(base), "guidance_scale": 1.0,
+                                                            "resolution": 16}))
+    return folder
+
+
+def test_lora_students_are_timed_fused_with_the_unfused_row_labelled(tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import fastgen.evaluation.speed as speed
+    from fastgen.cli import main
+
+    from tiny_models import make_tiny_sd
+
+    base = make_tiny_sd(tmp_path / "tiny-sd")
+    lora = make_tiny_lora_export(base, tmp_path / "lora-export")
+    seen = {}
+    real = speed.measure_pipeline_speed
+
+    def spy(pipe, **kw):  # the adapters' state while each label is timed
+        layers = [layer for m in (pipe.unet, pipe.text_encoder) for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
+        seen[kw["label"]] = {"layers": len(layers), "merged": [bool(layer.merged) for layer in layers]}
+        return real(pipe, **kw)
+
+    monkeypatch.setattr(speed, "measure_pipeline_speed", spy)
+    out = tmp_path / "out"
+    rc = main(["bench", "speed", "--pipeline", f"lcd-lora={lora}:steps=1,2:guidance=1", "--pipeline",
+               f"teacher={base}:steps=2:guidance=3", "--repeats", "2", "--warmup", "0", "--ratio", "teacher@2", "lcd-lora@2",
+               "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "sampling_speed.json").read_text())
+    labels = [(r["pipeline"], r["steps"], r["scope"]) for r in result["rows"]]
+    # the fused row is the main one (listed first); the unfused one is kept, labelled
+    assert labels[:4] == [("lcd-lora", 1, "end_to_end"), ("lcd-lora", 1, "network"), ("lcd-lora", 2, "end_to_end"),
+                          ("lcd-lora", 2, "network")]
+    assert {x for x in labels if x[0] == "lcd-lora (unfused)"} == {("lcd-lora (unfused)", n, s) for n in (1, 2)
+                                                                 for s in ("end_to_end", "network")}
+    fused = seen["lcd-lora"]
+    assert fused["layers"] > 0 and all(fused["merged"])  # pipe.fuse_lora() applied: no active layer left unfused
+    assert seen["lcd-lora (unfused)"]["layers"] == fused["layers"] and not any(seen["lcd-lora (unfused)"]["merged"])
+    for r in result["rows"]:
+        if r["pipeline"] == "lcd-lora":
+            assert r["lora"] == "fused" and r["lora_layers"] > 0 and r["lora_unfused_layers"] == 0
+        elif r["pipeline"] == "lcd-lora (unfused)":
+            assert r["lora"] == "unfused" and r["lora_unfused_layers"] == r["lora_layers"] > 0
+        else:
+            assert r["lora"] == "none"
+    assert "fuse_lora" in result["protocol"]["pipelines"]["lcd-lora"]["lora"]
+    assert negative_durations(result) == []
+    md = (out / "sampling_speed.md").read_text()
+    assert "| lcd-lora (unfused) |" in md and "timed fused" in md

@@ -215,3 +215,18 @@ def test_shipped_dit_teacher_draws_the_prompted_digit():
     d_logits, c_logits, _ = paths.load_classifier()(images)
     assert (d_logits.argmax(1) == digits).float().mean() >= 0.75
     assert (c_logits.argmax(1) == colours).float().mean() >= 0.9
+
+
+def test_check_grids_reuse_the_scored_samples_when_they_cover_every_pair():
+    """`fastgen zoo check` (and the demo) draw each teacher's grid from its scored samples: one image per
+    (colour, digit) pair in grid_prompts() order; too few samples to cover every pair: None (sampled then)."""
+    from fastgen.zoo.check import grid_from_samples, grid_prompts
+
+    prompts, digits, colours = dw.eval_prompts(130, seed=3)
+    images = torch.arange(130).float()[:, None, None, None].expand(130, 3, 2, 2)
+    grid = grid_from_samples(images, digits, colours)
+    gp, nrow = grid_prompts()
+    assert grid.shape == (60, 3, 2, 2) and nrow == 10
+    picked = [prompts[int(i)] for i in grid[:, 0, 0, 0]]
+    assert picked == gp  # the image of each cell was sampled for that cell's prompt
+    assert grid_from_samples(images[:30], digits[:30], colours[:30]) is None

@@ -92,6 +92,7 @@ class Suite:
     speed: SpeedSpec | None = None
     grids: int = 0  # save the first N images of every (pipeline, steps) as a grid
     plot_columns: list[str] = field(default_factory=list)  # quality-vs-steps plots (default: the primary metric)
+    progress: bool = True  # progress bars on stderr while sampling and scoring (progress=false: none)
 
     def __post_init__(self):
         if not self.pipelines:
@@ -184,22 +185,29 @@ def load_pipeline_for_bench(folder: Path, device: str = "cpu", dtype: torch.dtyp
 @torch.no_grad()
 def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int = 250,
                     height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                    **kwargs) -> torch.Tensor:
+                    progress: bool = True, desc: str | None = None, **kwargs) -> torch.Tensor:
     """Images in [0,1] ``[N,3,H,W]`` from any stock text-to-image pipeline; the batch starting at prompt
     ``i`` uses ``torch.Generator().manual_seed(seed + i)``, so every pipeline sees the same noise seeds
-    (the in-training evaluation, :class:`fastgen.evaluation.training.TrainingEvaluator`, seeds alike)."""
+    (the in-training evaluation, :class:`fastgen.evaluation.training.TrainingEvaluator`, seeds alike).
+
+    ``progress``: a bar on stderr (images done / total, images/s; it moves with the denoising steps
+    within a batch, :class:`fastgen.pipelines.sampling.ImageProgress`) named ``desc``."""
+    from fastgen.pipelines.sampling import ImageProgress
+
     out = []
     pipe.set_progress_bar_config(disable=True)
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator().manual_seed(seed + i)
-        chunk = prompts[i : i + batch_size]
-        kw = dict(kwargs)
-        if height:
-            kw.update(height=height, width=width or height)
-        if negative_prompt is not None:
-            kw["negative_prompt"] = [negative_prompt] * len(chunk)
-        res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt", **kw)
-        out.append(res.images.float().cpu())
+    with ImageProgress(len(prompts), desc or f"sampling {steps} steps", enabled=progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            gen = torch.Generator().manual_seed(seed + i)
+            chunk = prompts[i : i + batch_size]
+            kw = {**bar.call_kwargs(pipe, len(chunk), steps), **kwargs}
+            if height:
+                kw.update(height=height, width=width or height)
+            if negative_prompt is not None:
+                kw["negative_prompt"] = [negative_prompt] * len(chunk)
+            res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt", **kw)
+            out.append(res.images.float().cpu())
+            bar.done(len(chunk))
     return torch.cat(out)
 
 
@@ -250,10 +258,25 @@ def load_prompt_set(suite: Suite) -> PromptSet:
 
 
 class BenchMetric:
-    """One metric of a quality suite: set up once, then ``score(images, prompt_set)`` -> columns."""
+    """One metric of a quality suite: set up once, then ``score(images, prompt_set)`` -> columns.
+
+    While :func:`measure_quality` scores, ``bar`` is an :class:`~fastgen.pipelines.sampling.ImageProgress`
+    over the images; a metric that scores in chunks calls :meth:`advance` after each (the bar is
+    completed after ``score`` returns either way)."""
 
     name = ""
     columns: list[str] = []
+    bar = None
+
+    def advance(self, images: int) -> None:
+        if self.bar is not None:
+            self.bar.done(images)
+
+    def chunks(self, n: int, size: int):
+        """``range(0, n, size)``, advancing the bar after each chunk has been scored."""
+        for i in range(0, n, size):
+            yield i
+            self.advance(min(size, n - i))
 
     def score(self, images: torch.Tensor, ps: PromptSet) -> dict:
         raise NotImplementedError
@@ -302,7 +325,13 @@ class FIDMetric(BenchMetric):
         self.fid = FID(backend, pre).set_reference(ref)
 
     def score(self, images, ps):
-        return {"fid": round(self.fid.score(images), 3)}
+        size = self.fid.batch_size
+
+        def batches():
+            for i in self.chunks(len(images), size):
+                yield images[i : i + size]
+
+        return {"fid": round(self.fid.score(batches()), 3)}
 
     def describe(self):
         return self.fid.describe()
@@ -321,7 +350,7 @@ class CLIPMetric(BenchMetric):
         self.scorer = HFCLIPScorer.from_pretrained(suite.clip_model)
 
     def score(self, images, ps):
-        s = torch.cat([self.scorer.score(images[i : i + 64], ps.prompts[i : i + 64]) for i in range(0, len(images), 64)])
+        s = torch.cat([self.scorer.score(images[i : i + 64], ps.prompts[i : i + 64]) for i in self.chunks(len(images), 64)])
         return {"clip_score": round(float(s.mean()), 3)}
 
     def describe(self):
@@ -339,7 +368,7 @@ class HPSMetric(BenchMetric):
 
     def score(self, images, ps):
         with torch.no_grad():
-            s = torch.cat([self.scorer(images[i : i + 20], ps.prompts[i : i + 20]) for i in range(0, len(images), 20)])
+            s = torch.cat([self.scorer(images[i : i + 20], ps.prompts[i : i + 20]) for i in self.chunks(len(images), 20)])
         return {self.columns[0]: round(100 * float(s.mean()), 3)}
 
     def describe(self):
@@ -362,7 +391,7 @@ class DigitsRewardMetric(BenchMetric):
         from fastgen.evaluation.fid import quantize_uint8
 
         imgs = quantize_uint8(images).float() / 255.0
-        r = torch.cat([self.reward(imgs[i : i + 500], ps.prompts[i : i + 500]) for i in range(0, len(imgs), 500)])
+        r = torch.cat([self.reward(imgs[i : i + 500], ps.prompts[i : i + 500]) for i in self.chunks(len(imgs), 500)])
         return {"digits_reward": round(float(r.mean()), 4)}
 
     def describe(self):
@@ -432,13 +461,37 @@ def versions() -> dict:
             "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
 
 
-def measure_quality(suite: Suite, resolve: Resolver | None = None, log=print) -> dict:
+def score_images(metrics: list[BenchMetric], images: torch.Tensor, ps: PromptSet, label: str = "",
+                 progress: bool = True) -> dict:
+    """Every metric's columns for ``images``; a bar per metric on stderr when scoring takes over 2 s."""
+    from fastgen.pipelines.sampling import ImageProgress
+
+    row: dict = {}
+    for m in metrics:
+        with ImageProgress(len(images), f"{m.name} {label}".strip(), enabled=progress, delay=2.0) as bar:
+            m.bar = bar
+            try:
+                row.update(m.score(images, ps))
+            finally:
+                m.bar = None
+            bar.finish()
+    return row
+
+
+def measure_quality(suite: Suite, resolve: Resolver | None = None, log=print, progress: bool | None = None,
+                    reuse: dict[str, dict] | None = None) -> dict:
     """Sample every pipeline at each of its step counts under one protocol and score it.
 
     ``resolve(spec)`` gives each pipeline's folder and sampling defaults (default :func:`resolve_folder`:
     folders and aliases only; :func:`fastgen.workflows.bench.run_quality` passes one that trains recipes).
+    ``progress`` (default ``suite.progress``): bars on stderr while sampling and scoring.
+    ``reuse``: ``{"label@steps": {"images": [N,3,H,W] in [0,1], "seconds": s, "source": text}}``, images
+    already sampled under this protocol (the suite's prompts in order, seeds, batch split, guidance), which
+    are scored instead of sampled again; a pipeline whose every step count is reused is not loaded.
     """
     resolve = resolve or resolve_folder
+    progress = suite.progress if progress is None else progress
+    reuse = dict(reuse or {})
     ps = load_prompt_set(suite)
     metrics = build_metrics(suite, ps)
     columns = [c for m in metrics for c in m.columns]
@@ -446,23 +499,34 @@ def measure_quality(suite: Suite, resolve: Resolver | None = None, log=print) ->
     for spec in suite.pipelines:
         resolved = resolve(spec)
         folder, d = resolved.folder, resolved.defaults
-        pipe = load_pipeline_for_bench(folder)
-        pipelines[spec.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__,
-                                 "scheduler": type(pipe.scheduler).__name__, **d, **resolved.info}
-        for steps in spec.steps:
-            t0 = time.perf_counter()
-            images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
-                                     height=d.get("height"), width=spec.width, negative_prompt=d.get("negative_prompt"),
-                                     **{**d.get("call_kwargs", {}), **spec.call_kwargs})
-            seconds = time.perf_counter() - t0
+        keys = [f"{spec.label}@{steps}" for steps in spec.steps]
+        pipe = None
+        if all(k in reuse for k in keys):
+            pipelines[spec.label] = {"folder": str(folder), **d, **resolved.info,
+                                     "images": "; ".join(dict.fromkeys(str(reuse[k].get("source", "reused")) for k in keys))}
+        else:
+            pipe = load_pipeline_for_bench(folder)
+            pipelines[spec.label] = {"folder": str(folder), "pipeline_class": type(pipe).__name__,
+                                     "scheduler": type(pipe.scheduler).__name__, **d, **resolved.info}
+        for steps, key in zip(spec.steps, keys):
+            if key in reuse:
+                images, seconds = reuse[key]["images"], float(reuse[key].get("seconds") or 0.0)
+                if len(images) != len(ps.prompts):
+                    raise ConfigError(f"reused images for {key}: {len(images)} images for {len(ps.prompts)} prompts; "
+                                      f"they must be sampled on the suite's prompts")
+            else:
+                t0 = time.perf_counter()
+                images = sample_pipeline(pipe, ps.prompts, steps, d["guidance"], suite.seed, suite.batch_size,
+                                         height=d.get("height"), width=spec.width, negative_prompt=d.get("negative_prompt"),
+                                         progress=progress, desc=key, **{**d.get("call_kwargs", {}), **spec.call_kwargs})
+                seconds = time.perf_counter() - t0
             row = {"method": spec.label, "steps": steps, "guidance": d["guidance"]}
-            for m in metrics:
-                row.update(m.score(images, ps))
+            row.update(score_images(metrics, images, ps, key, progress))
             row.update(samples=len(images), seconds=round(seconds, 1))
             log(f"[bench quality] {row}")
             rows.append(row)
             if suite.grids:
-                grids[f"{spec.label}@{steps}"] = images[: suite.grids]
+                grids[key] = images[: suite.grids]
         del pipe
     protocol = {
         "suite": suite.name,
@@ -489,10 +553,18 @@ def _device(spec: SpeedSpec) -> str:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+#: The label suffix of a LoRA pipeline's row timed with its adapters as loaded (the main row is fused).
+UNFUSED_SUFFIX = " (unfused)"
+
+
 def measure_speed(suite: Suite, resolve: Resolver | None = None, log=print) -> dict:
     """Latency of every pipeline at each of its (speed) step counts, end to end and network only
-    (``resolve`` as in :func:`measure_quality`)."""
-    from fastgen.evaluation.speed import measure_pipeline_speed, speed_ratio
+    (``resolve`` as in :func:`measure_quality`).
+
+    A pipeline carrying LoRA adapters (a LoRA export) is timed twice: as loaded, labelled
+    ``<label> (unfused)``, then after ``pipe.fuse_lora()`` (:func:`fastgen.evaluation.speed.fuse_lora`, as
+    LoRA students are deployed) under its own label, the main row, listed first."""
+    from fastgen.evaluation.speed import fuse_lora, lora_state, measure_pipeline_speed, speed_ratio
 
     resolve = resolve or resolve_folder
     spec = suite.speed or SpeedSpec()
@@ -511,15 +583,30 @@ def measure_speed(suite: Suite, resolve: Resolver | None = None, log=print) -> d
         kwargs = {**d.get("call_kwargs", {}), **p.call_kwargs}
         if d.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = [d["negative_prompt"]] * spec.batch_size
-        for steps in steps_to_time:
-            got = measure_pipeline_speed(pipe, label=p.label, prompt=spec.prompt, steps=steps, guidance=d["guidance"],
-                                         batch_size=spec.batch_size, height=d.get("height"), width=p.width or d.get("height"),
-                                         warmup=spec.warmup, repeats=spec.repeats, seed=spec.seed, scopes=tuple(spec.scopes),
-                                         call_kwargs=kwargs)
-            for r in got:
-                log(f"[bench speed] {r['pipeline']}@{r['steps']} {r['scope']}: median {r['latency_s_median']:.4f} s, "
-                    f"p90 {r['latency_s_p90']:.4f} s")
-            rows.extend(got)
+
+        def time_all(label: str) -> list[dict]:
+            got_all = []
+            for steps in steps_to_time:
+                got = measure_pipeline_speed(pipe, label=label, prompt=spec.prompt, steps=steps, guidance=d["guidance"],
+                                             batch_size=spec.batch_size, height=d.get("height"),
+                                             width=p.width or d.get("height"), warmup=spec.warmup, repeats=spec.repeats,
+                                             seed=spec.seed, scopes=tuple(spec.scopes), call_kwargs=kwargs)
+                for r in got:
+                    lora = f" [LoRA {r['lora']}]" if r.get("lora", "none") != "none" else ""
+                    log(f"[bench speed] {r['pipeline']}@{r['steps']} {r['scope']}{lora}: median {r['latency_s_median']:.4f} s, "
+                        f"p90 {r['latency_s_p90']:.4f} s")
+                got_all.extend(got)
+            return got_all
+
+        if lora_state(pipe)["lora_layers"]:
+            unfused = time_all(p.label + UNFUSED_SUFFIX)
+            state = fuse_lora(pipe)
+            rows.extend(time_all(p.label))
+            rows.extend(unfused)
+            pipelines[p.label]["lora"] = (f"{state['lora_layers']} LoRA layers fused with pipe.fuse_lora() (as deployed); "
+                                          f"'{p.label}{UNFUSED_SUFFIX}' times the adapters as loaded")
+        else:
+            rows.extend(time_all(p.label))
         del pipe
     ratios, breakdown = {}, {}
     if spec.ratio:
@@ -546,14 +633,19 @@ def score_image_folder(images: str | Path, prompts: str | Path, metrics: list[st
     built = build_metrics(suite, ps)
     pixels = torch.stack([pairs.preprocess(read_image(f)[None])[0] for f in pairs.files]).float() / 255.0
     row = {"images": str(images), "count": len(pixels)}
-    for m in built:
-        row.update(m.score(pixels, ps))
+    row.update(score_images(built, pixels, ps, Path(images).name, progress=suite.progress))
     return {"row": row, "protocol": {**pairs.protocol, "metrics": {m.name: m.describe() for m in built}}}
 
 
 def ratio_breakdown(rows: list[dict], num: tuple[str, int], den: tuple[str, int]) -> dict:
     """Where a measured speed-up falls short of the ratio of network evaluations (images through the
-    denoiser): the cost of one forward at each side's batch, and the fixed cost outside the denoiser."""
+    denoiser): the cost of one forward at each side's batch, and the fixed cost outside the denoiser.
+
+    ``ms_outside_denoiser`` is the network row's ``outside_denoiser_s_median``: per call, its whole
+    time minus its denoiser forwards, measured in the same calls (never negative). Rows without it (older
+    results) fall back to end-to-end minus network medians, from different calls: a negative difference
+    is noise (below the two medians' spread), so it is clamped to 0 and flagged
+    (``outside_denoiser_clamped: true``, with ``ms_noise_band``: the larger p90 - median of the two rows)."""
     def pick(point, scope):
         for r in rows:
             if (r["pipeline"], r["steps"], r["scope"]) == (*point, scope):
@@ -565,10 +657,22 @@ def ratio_breakdown(rows: list[dict], num: tuple[str, int], den: tuple[str, int]
         net, e2e = pick(point, "network"), pick(point, "end_to_end")
         if not net or not e2e:
             return {}
-        out[tag] = {"point": f"{point[0]}@{point[1]}", "forwards": net["network_evals"], "batch_per_forward": net["network_batch"],
-                    "image_evaluations": net["network_evals"] * net["network_batch"],
-                    "ms_per_forward": round(1000 * net["latency_s_median"] / max(net["network_evals"], 1), 3),
-                    "ms_outside_denoiser": round(1000 * (e2e["latency_s_median"] - net["latency_s_median"]), 3)}
+        side = {"point": f"{point[0]}@{point[1]}", "forwards": net["network_evals"], "batch_per_forward": net["network_batch"],
+                "image_evaluations": net["network_evals"] * net["network_batch"],
+                "ms_per_forward": round(1000 * net["latency_s_median"] / max(net["network_evals"], 1), 3)}
+        if net.get("outside_denoiser_s_median") is not None:
+            side["ms_outside_denoiser"] = round(1000 * max(0.0, float(net["outside_denoiser_s_median"])), 3)
+            side["ms_outside_denoiser_p90"] = round(1000 * max(0.0, float(net.get("outside_denoiser_s_p90") or 0.0)), 3)
+            side["outside_denoiser_measured"] = "same calls: whole call minus its denoiser forwards (median)"
+        else:
+            diff = 1000 * (e2e["latency_s_median"] - net["latency_s_median"])
+            side["ms_outside_denoiser"] = round(max(0.0, diff), 3)
+            side["outside_denoiser_measured"] = "end-to-end median minus network median (different calls)"
+            if diff < 0:
+                side["outside_denoiser_clamped"] = True
+                band = [r.get("latency_s_p90", r["latency_s_median"]) - r["latency_s_median"] for r in (net, e2e)]
+                side["ms_noise_band"] = round(1000 * max(0.0, *band), 3)
+        out[tag] = side
     n, d = out["numerator"], out["denominator"]
     out["ideal_ratio_by_evaluations"] = round(n["image_evaluations"] / d["image_evaluations"], 3)
     out["ratio_of_forward_counts"] = round(n["forwards"] / d["forwards"], 3)
@@ -580,6 +684,12 @@ def explain_breakdown(b: dict) -> str:
     if not b:
         return ""
     n, d = b["numerator"], b["denominator"]
+    clamped = [s["point"] for s in (n, d) if s.get("outside_denoiser_clamped")]
+    paired = all("ms_outside_denoiser_p90" in s for s in (n, d))
+    how = ("measured in the same calls as the forwards: each call's time minus its denoiser forwards" if paired
+           else "end-to-end minus network medians")
+    note = (f" For {', '.join(clamped)} the end-to-end median was below the network median (separate calls, within "
+            f"their noise), so its outside time is shown as 0.") if clamped else ""
     return (f"Breakdown of {n['point']} / {d['point']}: the ideal {b['ideal_ratio_by_evaluations']:g}x counts image evaluations "
             f"({n['image_evaluations']} vs {d['image_evaluations']}). Measured, {n['point']} runs {n['forwards']} forwards at "
             f"batch {n['batch_per_forward']} ({n['ms_per_forward']:.2f} ms each) and {d['point']} {d['forwards']} forwards at batch "
@@ -587,8 +697,8 @@ def explain_breakdown(b: dict) -> str:
             f"{b['forward_cost_ratio']:.2f}x a batch-{d['batch_per_forward']} forward, not {n['batch_per_forward'] / d['batch_per_forward']:g}x, "
             f"so the network ratio is {b['ratio_of_forward_counts']:g} x {b['forward_cost_ratio']:.2f} = "
             f"{b['ratio_of_forward_counts'] * b['forward_cost_ratio']:.1f}x. End to end, both also pay the work outside the denoiser "
-            f"(text encoding, scheduler, VAE decode, pipeline overhead): {n['ms_outside_denoiser']:.1f} ms vs "
-            f"{d['ms_outside_denoiser']:.1f} ms, which pulls the end-to-end ratio further down.")
+            f"(text encoding, scheduler, VAE decode, pipeline overhead; {how}): {n['ms_outside_denoiser']:.1f} ms vs "
+            f"{d['ms_outside_denoiser']:.1f} ms, which pulls the end-to-end ratio further down.{note}")
 
 
 def _parse_point(text: str) -> tuple[str, int]:
@@ -703,7 +813,8 @@ def plot_quality_vs_latency(quality: dict, speed: dict, path: Path, column: str 
     return out
 
 
-def write_quality_report(result: dict, out_dir: str | Path, name: str, title: str) -> list[Path]:
+def write_quality_report(result: dict, out_dir: str | Path, name: str, title: str, note: str = "") -> list[Path]:
+    """``<name>.json`` / ``.md`` (``note``: a paragraph under the table), the quality-vs-steps plots and grids."""
     out_dir = Path(out_dir)
     grids = result.pop("_grids", {})
     plot_columns = result.pop("_plot_columns", [])
@@ -713,6 +824,8 @@ def write_quality_report(result: dict, out_dir: str | Path, name: str, title: st
              f"Suite `{proto['suite']}`: {proto['prompts']} (sha256/16 `{proto.get('prompts_sha256_16')}`), "
              f"seed {proto['seed']}, batch {proto['batch_size']}, stock diffusers pipelines, commit `{proto['fastgen_commit']}`.\n\n",
              markdown_table(result["rows"], result["columns"]), "\n"]
+    if note.strip():
+        lines.append(note.strip() + "\n\n")
     for mname, desc in proto["metrics"].items():
         lines.append(f"- **{mname}**: " + ", ".join(f"{k}={v}" for k, v in desc.items() if not isinstance(v, dict)) + "\n")
     atomic_write_text(out_dir / f"{name}.md", "".join(lines))
@@ -737,13 +850,20 @@ def write_speed_report(result: dict, out_dir: str | Path, name: str, note: str =
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / f"{name}.json", result)
     proto = result["protocol"]
+    rows = [{**r, "outside_s": r.get("outside_denoiser_s_median")} for r in result["rows"]]
+    columns = [*SPEED_TABLE, "outside_s"]
+    lora_note = ""
+    if any(r.get("lora", "none") != "none" for r in rows):
+        columns.append("lora")
+        lora_note = (" LoRA students are timed fused (`pipe.fuse_lora()`, as deployed); their "
+                     f"`<label>{UNFUSED_SUFFIX}` rows time the adapters as loaded.")
     lines = [f"# Sampling speed (suite `{proto['suite']}`)\n\n",
              f"Device `{proto['device']}` ({proto['threads']} threads), dtype {proto['dtype']}, batch {proto['batch_size']}, "
              f"{proto['warmup']} warm-up + {proto['repeats']} timed calls per point, median and p90; "
              f"torch {proto['torch']}, diffusers {proto['diffusers']}, commit `{proto['fastgen_commit']}`. "
              "`end_to_end` = text encoding + all steps + VAE decode; `network` = the denoiser forwards alone "
-             "(timed by hooks in separate calls).\n\n",
-             markdown_table(result["rows"], SPEED_TABLE), "\n"]
+             "(timed by hooks in separate calls, which also give `outside_s` = per call, its time minus its forwards).",
+             lora_note, "\n\n", markdown_table(rows, columns), "\n"]
     for k, v in result.get("ratios", {}).items():
         lines.append(f"- **{k}**: {v}x\n")
     if result.get("ratio_breakdown"):

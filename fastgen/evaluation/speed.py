@@ -12,6 +12,15 @@ height=, width=)`` whose denoiser is ``pipe.unet`` or ``pipe.transformer``) in t
     latency is the sum over the call's forwards. The hooks also count the forwards of a call
     (``network_evals``) and the batch each forward sees (``network_batch``): classifier-free guidance
     in Stable Diffusion doubles the batch of one forward, Flux' true CFG runs two forwards.
+    The same calls are also timed whole, so the work outside the denoiser (text encoding, scheduler,
+    VAE decode, pipeline overhead) is measured per call as the call's time minus its forwards
+    (``outside_denoiser_s_*``): both from one call, it is never negative, unlike the difference of
+    the two scopes' medians, which come from different calls and carry their noise.
+
+LoRA: rows record the adapters' state (``lora``: ``"none"``, ``"fused"``, ``"unfused"`` or
+``"partly fused"``; :func:`lora_state`). A LoRA student is deployed fused (:func:`fuse_lora`, i.e.
+``pipe.fuse_lora()``); :func:`fastgen.evaluation.bench.measure_speed` times it that way as its main row
+and the adapters as loaded as ``<label> (unfused)``.
 
 Protocol: ``warmup`` untimed calls, then ``repeats`` timed calls per scope, each with the same prompt
 and a fresh ``torch.Generator("cpu").manual_seed(seed)``. The end-to-end calls run without any hook
@@ -140,6 +149,66 @@ def _versions() -> dict[str, str]:
     except Exception:  # pragma: no cover
         diffusers_version = "unavailable"
     return {"torch": torch.__version__, "diffusers": diffusers_version}
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+
+
+def lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft LoRA layers (``BaseTunerLayer``) inside ``module``; ``[]`` without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # pragma: no cover - peft not installed: no adapters can be loaded either
+        return []
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _unfused(layer) -> bool:
+    """An enabled adapter of ``layer`` whose weights are not merged into the base layer."""
+    if getattr(layer, "disable_adapters", False):
+        return False
+    active = getattr(layer, "active_adapters", None) or []
+    if isinstance(active, str):
+        active = [active]
+    merged = set(getattr(layer, "merged_adapters", None) or [])
+    own = set(getattr(layer, "lora_A", {}) or {}) | set(getattr(layer, "lora_embedding_A", {}) or {})
+    return any(a not in merged for a in active if not own or a in own)
+
+
+def _pipeline_modules(pipe) -> list[torch.nn.Module]:
+    components = getattr(pipe, "components", None)
+    if isinstance(components, dict) and components:
+        return [m for m in components.values() if isinstance(m, torch.nn.Module)]
+    return [denoiser_of(pipe)]
+
+
+def lora_state(pipe) -> dict[str, Any]:
+    """``{"lora": "none" | "fused" | "unfused" | "partly fused", "lora_layers": n, "lora_unfused_layers": k}``
+    over every torch module of the pipeline (denoiser and text encoders)."""
+    layers = [layer for m in _pipeline_modules(pipe) for layer in lora_layers(m)]
+    unfused = sum(_unfused(layer) for layer in layers)
+    if not layers:
+        state = "none"
+    elif unfused == 0:
+        state = "fused"
+    elif unfused == len(layers):
+        state = "unfused"
+    else:
+        state = "partly fused"
+    return {"lora": state, "lora_layers": len(layers), "lora_unfused_layers": int(unfused)}
+
+
+def fuse_lora(pipe) -> dict[str, Any]:
+    """``pipe.fuse_lora()`` (the adapters merged into the base weights, as LoRA students are deployed),
+    checked: returns :func:`lora_state`, which must report every LoRA layer fused."""
+    if not callable(getattr(pipe, "fuse_lora", None)):
+        raise ConfigError(f"{type(pipe).__name__} has no fuse_lora(); load LoRA weights with a diffusers pipeline")
+    pipe.fuse_lora()
+    state = lora_state(pipe)
+    if state["lora_unfused_layers"]:
+        raise ConfigError(f"pipe.fuse_lora() left {state['lora_unfused_layers']} of {state['lora_layers']} LoRA layers "
+                          f"unfused; the fused timing would not be what a deployment runs")
+    return state
 
 
 # --------------------------------------------------------------------------- clocks and memory
@@ -386,7 +455,10 @@ def measure_pipeline_speed(
     (``"HxW"``; height and width are read from the output images when not given),
     ``network_evals`` (denoiser forwards per call), ``network_batch`` (batch of one forward),
     ``warmup``, ``repeats``, ``dtype`` (of the denoiser), ``attention_backend``, ``compile_mode``,
-    ``torch`` and ``diffusers``.
+    ``lora`` / ``lora_layers`` / ``lora_unfused_layers`` (:func:`lora_state`), ``torch`` and ``diffusers``.
+    The ``network`` row also has ``call_s_median`` (the hooked calls' whole time) and
+    ``outside_denoiser_s_median`` / ``_p90`` / ``_all``: per call, its whole time minus its forwards
+    (>= 0 by construction).
 
     ``batch_size`` images come from ``batch_size`` copies of ``prompt``. ``call_kwargs`` are passed to
     every call and override the defaults (e.g. ``true_cfg_scale`` + ``negative_prompt`` for Flux,
@@ -422,6 +494,7 @@ def measure_pipeline_speed(
         del out, images
 
     env = {
+        **lora_state(pipe),
         "device": _device_name(device),
         "dtype": _dtype_of(denoiser),
         "attention_backend": _attention_backend(denoiser),
@@ -443,6 +516,7 @@ def measure_pipeline_speed(
         network_probe: _DenoiserProbe | None = None
         for scope in scopes:
             latencies: list[float] = []
+            extra: dict[str, Any] = {}
             if scope == "end_to_end":
                 with _MemoryPeak(device) as mem:
                     for _ in range(repeats):
@@ -453,13 +527,22 @@ def measure_pipeline_speed(
                         latencies.append(time.perf_counter() - t0)
             else:
                 network_probe = _DenoiserProbe(denoiser, device, timed=True)
+                whole: list[float] = []
                 with _MemoryPeak(device) as mem, network_probe:
                     for _ in range(repeats):
                         network_probe.new_call()
+                        _sync(device)
+                        t0 = time.perf_counter()
                         call()
-                _sync(device)
+                        _sync(device)
+                        whole.append(time.perf_counter() - t0)
                 latencies = [c["seconds"] for c in network_probe.calls]
-            measured[scope] = {**_summary(latencies), "mem": mem}
+                # the forwards are sub-intervals of their call: the rest is the work outside the denoiser
+                outside = [max(0.0, w - n) for w, n in zip(whole, latencies)]
+                o = _summary(outside)
+                extra = {"call_s_median": float(np.median(whole)), "outside_denoiser_s_median": o["latency_s_median"],
+                         "outside_denoiser_s_p90": o["latency_s_p90"], "outside_denoiser_s_all": o["latency_s_all"]}
+            measured[scope] = {**_summary(latencies), "mem": mem, "extra": extra}
 
     # forward counts: from the hooked timed calls when measured, else from the warm-up calls
     probe = network_probe if network_probe is not None else warm_probe
@@ -474,6 +557,7 @@ def measure_pipeline_speed(
     for scope in scopes:
         m = measured[scope]
         mem = m.pop("mem")
+        extra = m.pop("extra")
         median = m["latency_s_median"]
         rows.append(
             {
@@ -501,8 +585,12 @@ def measure_pipeline_speed(
                 "dtype": env["dtype"],
                 "attention_backend": env["attention_backend"],
                 "compile_mode": compile_mode,
+                "lora": env["lora"],
+                "lora_layers": env["lora_layers"],
+                "lora_unfused_layers": env["lora_unfused_layers"],
                 "torch": env["torch"],
                 "diffusers": env["diffusers"],
+                **extra,
             }
         )
     return rows

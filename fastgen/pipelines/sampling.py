@@ -1,9 +1,12 @@
-"""Loading and sampling exported students with stock diffusers (``fastgen sample``)."""
+"""Loading and sampling exported students with stock diffusers (``fastgen sample``), and the progress
+bar of every long sampling loop (:class:`ImageProgress`)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,12 +204,80 @@ def export_call_kwargs(info: dict, num_prompts: int) -> dict:
     return kwargs
 
 
+class ImageProgress:
+    """A tqdm bar on stderr counting images (done / total, images/s) over a sampling or scoring loop.
+
+    ``enabled=False`` (or ``TQDM_DISABLE=1`` in the environment, tqdm's own switch) shows nothing.
+    Within one pipeline call the bar moves with the denoising steps: :meth:`call_kwargs` gives a
+    diffusers ``callback_on_step_end`` that advances it by ``images * (step + 1) / steps``; :meth:`done`
+    then sets the exact count once the call returns. ``delay``: seconds before the bar first shows
+    (a loop that ends sooner prints nothing).
+
+    >>> with ImageProgress(500, "teacher@50") as bar:
+    ...     for chunk in chunks:
+    ...         images = pipe(chunk, **bar.call_kwargs(pipe, len(chunk), steps)).images
+    ...         bar.done(len(chunk))
+    """
+
+    BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, delay: float = 0.0) -> None:
+        from tqdm.auto import tqdm
+
+        off = {} if enabled else {"disable": True}  # left unset when enabled, so that TQDM_DISABLE=1 applies
+        self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                        delay=delay, bar_format=self.BAR_FORMAT, **off)
+        self.count = 0
+
+    def _to(self, value: float) -> None:
+        self.bar.update(value - self.bar.n)
+
+    def done(self, images: int) -> None:
+        """``images`` more images are finished."""
+        self.count += images
+        self._to(self.count)
+
+    def finish(self) -> None:
+        """Every image of the bar's total is finished."""
+        self.count = self.bar.total
+        self._to(self.count)
+
+    def call_kwargs(self, pipe, images: int, steps: int) -> dict:
+        """``{"callback_on_step_end": ...}`` advancing the bar within a call of ``pipe`` on ``images`` images
+        with ``steps`` denoising steps; ``{}`` when the bar is off or the pipeline takes no such callback."""
+        if self.bar.disable or steps < 1:
+            return {}
+        try:
+            params = inspect.signature(pipe.__call__).parameters
+        except (TypeError, ValueError):
+            return {}
+        if "callback_on_step_end" not in params:
+            return {}
+        base = self.count
+
+        def on_step_end(_pipe, step_index, _timestep, callback_kwargs):
+            self._to(base + images * min(step_index + 1, steps) / steps)
+            return callback_kwargs
+
+        return {"callback_on_step_end": on_step_end}
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "ImageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @torch.no_grad()
 def sample_grid(pipe, prompts: list[str], steps: int = 4, guidance: float | None = None, seed: int = 0,
                 num_images: int = 4, out: str | Path = "samples.png", height: int | None = None,
-                width: int | None = None, extra: dict | None = None) -> Path:
+                width: int | None = None, extra: dict | None = None, progress: bool = True) -> Path:
     """Generate ``num_images`` per prompt (rows = prompts) with a seeded generator and save one PNG grid;
-    ``extra``: further pipeline-call arguments (see :func:`export_call_kwargs`)."""
+    ``extra``: further pipeline-call arguments (see :func:`export_call_kwargs`); ``progress``: an
+    :class:`ImageProgress` bar on stderr (shown when the call takes over a second)."""
     from fastgen.io import save_image_grid
 
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt",
@@ -218,5 +289,8 @@ def sample_grid(pipe, prompts: list[str], steps: int = 4, guidance: float | None
     if width:
         kwargs["width"] = width
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(prompts, **kwargs).images
+    total = len(prompts) * num_images
+    with ImageProgress(total, "grid", enabled=progress, delay=1.0) as bar:
+        images = pipe(prompts, **{**bar.call_kwargs(pipe, total, steps), **kwargs}).images
+        bar.done(total)
     return save_image_grid(images.float().cpu(), out, nrow=num_images, upscale=max(1, 128 // images.shape[-1]))

@@ -55,7 +55,8 @@ SUITES_DIR = Path("benchmarks/suites")
 
 SPEED_NOTE = """The ideal speed-up of a 4-step student over a 50-step CFG teacher is 100/4 = 25x in image
 evaluations. Measured ratios are lower because a batch-2 forward (CFG's cond+uncond) costs less than two
-batch-1 forwards, and because both pipelines pay the same work outside the denoiser."""
+batch-1 forwards, and because both pipelines pay the same work outside the denoiser. LoRA students are
+timed fused (`pipe.fuse_lora()`), as they are deployed; the `(unfused)` rows show the adapters' own cost."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,9 +232,11 @@ def resolve_pipeline(spec: PipelineSpec, runs_dir: str | Path, log=print) -> tup
 # Suites
 
 
-def run_quality(suite: Suite, log=print) -> dict:
-    """Sample every pipeline at each of its step counts under one protocol and score it (recipes trained first)."""
-    return measure_quality(suite, recipe_resolver(suite.runs_dir, log), log)
+def run_quality(suite: Suite, log=print, progress: bool | None = None, reuse: dict[str, dict] | None = None) -> dict:
+    """Sample every pipeline at each of its step counts under one protocol and score it (recipes trained first).
+    ``progress`` (default ``suite.progress``) and ``reuse`` (images already sampled, by ``"label@steps"``):
+    see :func:`~fastgen.evaluation.bench.measure_quality`."""
+    return measure_quality(suite, recipe_resolver(suite.runs_dir, log), log, progress=progress, reuse=reuse)
 
 
 def run_speed(suite: Suite, log=print) -> dict:

@@ -2,14 +2,19 @@
 
 Samples each teacher through its *stock* diffusers pipeline (so the numbers are what a user of
 the folder gets), scores the images with the digits classifier, and writes
-``digits_teachers.json`` / ``.md`` plus one sample grid per teacher.
+``digits_teachers.json`` / ``.md`` plus one sample grid per teacher (one image per (colour, digit) pair,
+taken from the scored samples when they cover every pair, sampled otherwise). Progress bars (images
+done / total, images/s) go to stderr; ``progress=False`` or ``TQDM_DISABLE=1`` turns them off.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,17 +47,34 @@ def load_flux_pipeline(root=None):
 
 
 def sample_unet_teacher(pipe, prompts: list[str], steps: int = 50, guidance: float = zb.UNET_GUIDANCE,
-                        seed: int = 0, batch_size: int = 250) -> torch.Tensor:
-    """Images in [0,1] from the stock StableDiffusionPipeline, one seeded generator per batch."""
-    return sample_pipeline(pipe, prompts, steps, guidance, seed, batch_size, height=zb.UNET_RESOLUTION)
+                        seed: int = 0, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
+    """Images in [0,1] from the stock StableDiffusionPipeline, one seeded generator per batch
+    (:func:`fastgen.evaluation.bench.sample_pipeline`, so they equal a quality suite's samples of it)."""
+    return sample_pipeline(pipe, prompts, steps, guidance, seed, batch_size, height=zb.UNET_RESOLUTION,
+                           progress=progress, desc=f"UNet teacher@{steps}")
 
 
 def sample_dit_teacher(pipe, prompts: list[str], steps: int = 50, guidance: float = zb.DIT_GUIDANCE,
-                       seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+                       seed: int = 0, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
     """Images in [0,1] from the stock FluxPipeline (true CFG against the empty prompt)."""
     return sample_pipeline(pipe, prompts, steps, 1.0, seed, batch_size, height=zb.DIT_RESOLUTION,
                            negative_prompt="" if guidance > 1 else None, true_cfg_scale=guidance,
-                           max_sequence_length=zb.DIT_MAX_SEQUENCE_LENGTH)
+                           max_sequence_length=zb.DIT_MAX_SEQUENCE_LENGTH, progress=progress, desc=f"DiT teacher@{steps}")
+
+
+def _run_checks(checks: list[tuple[str, Callable[[], Any]]], progress: bool) -> list[Any]:
+    """Each ``(name, fn)``'s ``fn()`` in turn, under a tqdm bar on stderr naming the check that runs."""
+    from tqdm.auto import tqdm
+
+    off = {} if progress else {"disable": True}  # unset when enabled, so that TQDM_DISABLE=1 applies
+    out = []
+    with tqdm(total=len(checks), desc=f"checks: {checks[0][0]}", unit="check", file=sys.stderr, dynamic_ncols=True,
+              **off) as bar:
+        for name, fn in checks:
+            bar.set_description(f"checks: {name}")
+            out.append(fn())
+            bar.update(1)
+    return out
 
 
 def grid_prompts() -> tuple[list[str], int]:
@@ -60,50 +82,86 @@ def grid_prompts() -> tuple[list[str], int]:
     return [dw.caption(d, c) for c in range(len(dw.PALETTE)) for d in range(10)], 10
 
 
+def grid_from_samples(images: torch.Tensor, digits: torch.Tensor, colours: torch.Tensor) -> torch.Tensor | None:
+    """The first sample of every (colour, digit) pair in :func:`grid_prompts` order (rows colours, columns
+    digits); ``None`` when some pair has no sample."""
+    picks = []
+    for c in range(len(dw.PALETTE)):
+        for d in range(10):
+            hits = ((digits == d) & (colours == c)).nonzero()
+            if not len(hits):
+                return None
+            picks.append(int(hits[0]))
+    return images[picks]
+
+
 def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmarks/results", root=None,
-          name: str = "digits_teachers", seed: int = 0) -> dict:
-    """Score both teachers, the VAEs and the classifier; write JSON, markdown and grids."""
+          name: str = "digits_teachers", seed: int = 0, progress: bool = True, keep_images: bool = False,
+          note: str = "") -> dict:
+    """Score both teachers, the VAEs and the classifier; write JSON, markdown and grids.
+
+    ``progress``: bars on stderr while sampling. ``keep_images``: the result also holds
+    ``"_images": {"unet_teacher": ..., "dit_teacher": ...}`` ([N,3,H,W] in [0,1], the scored samples, on
+    the prompts of ``fastgen.data.digits.eval_prompts(samples, seed)``) and ``"_seconds"`` (not written to
+    the JSON), for reuse (``fastgen demo``). ``note``: a paragraph added to the markdown."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     classifier = paths.load_classifier(root)
     evaluator = DigitsEvaluator(classifier)
     prompts, digits, colours = dw.eval_prompts(samples, seed=seed)
     rows: dict = {}
+    (floor,) = _run_checks([("real-vs-real digits-FID floor", lambda: round(evaluator.real_floor(), 3))], progress)
     protocol = {
         "prompts": "canonical 'a {colour} handwritten digit {digit}', balanced over 60 pairs",
         "seed": seed,
         "fid_features": "digits classifier penultimate (64-d), images quantised to 8 bits",
         "fid_reference": "held-out split, every colour (2154 images)",
-        "real_vs_real_fid_floor": round(evaluator.real_floor(), 3),
+        "real_vs_real_fid_floor": floor,
         "torch": torch.__version__,
         "device": "cpu",
         "machine": platform.machine(),
     }
 
+    kept, kept_seconds = {}, {}
+    gp, nrow = grid_prompts()
+
     sd = load_sd_pipeline(root)
     sd.set_progress_bar_config(disable=True)
     t0 = time.time()
-    images = sample_unet_teacher(sd, prompts, steps=steps, seed=seed)
+    images = sample_unet_teacher(sd, prompts, steps=steps, seed=seed, progress=progress)
     seconds = time.time() - t0
     rows["unet_teacher"] = {"pipeline": "StableDiffusionPipeline (DDIM)", "steps": steps, "guidance": zb.UNET_GUIDANCE,
                             **evaluator.score(images, digits, colours).as_dict(), "seconds": round(seconds, 1)}
-    gp, nrow = grid_prompts()
-    save_image_grid(sample_unet_teacher(sd, gp, steps=steps, seed=seed), out_dir / f"{name}_unet_grid.png", nrow, upscale=2)
+    grid = grid_from_samples(images, digits, colours)
+    if grid is None:
+        grid = sample_unet_teacher(sd, gp, steps=steps, seed=seed, progress=progress)
+    save_image_grid(grid, out_dir / f"{name}_unet_grid.png", nrow, upscale=2)
+    if keep_images:
+        kept["unet_teacher"], kept_seconds["unet_teacher"] = images, seconds
 
     flux = load_flux_pipeline(root)
     flux.set_progress_bar_config(disable=True)
     t0 = time.time()
-    images = sample_dit_teacher(flux, prompts, steps=steps, seed=seed)
+    images = sample_dit_teacher(flux, prompts, steps=steps, seed=seed, progress=progress)
     seconds = time.time() - t0
     rows["dit_teacher"] = {"pipeline": "FluxPipeline (flow-matching Euler)", "steps": steps, "guidance": zb.DIT_GUIDANCE,
                            **evaluator.score(images, digits, colours).as_dict(), "seconds": round(seconds, 1)}
-    save_image_grid(sample_dit_teacher(flux, gp, steps=steps, seed=seed), out_dir / f"{name}_dit_grid.png", nrow)
+    grid = grid_from_samples(images, digits, colours)
+    if grid is None:
+        grid = sample_dit_teacher(flux, gp, steps=steps, seed=seed, progress=progress)
+    save_image_grid(grid, out_dir / f"{name}_dit_grid.png", nrow)
+    if keep_images:
+        kept["dit_teacher"], kept_seconds["dit_teacher"] = images, seconds
+    del images
 
-    rows["vae"] = {"psnr": round(zb.vae_psnr(sd.vae, zb.UNET_RESOLUTION), 2), "resolution": zb.UNET_RESOLUTION,
-                   "factor": 4, "split": "test"}
-    rows["vae_f2"] = {"psnr": round(zb.vae_psnr(flux.vae, zb.DIT_RESOLUTION, limit=512), 2),
-                      "resolution": zb.DIT_RESOLUTION, "factor": 2, "split": "test"}
-    rows["classifier"] = {**zb.classifier_accuracy(classifier, "test"), "trained_on": "train split only"}
+    psnr, psnr_f2, accuracy = _run_checks([
+        ("UNet VAE PSNR", lambda: round(zb.vae_psnr(sd.vae, zb.UNET_RESOLUTION), 2)),
+        ("DiT VAE PSNR", lambda: round(zb.vae_psnr(flux.vae, zb.DIT_RESOLUTION, limit=512), 2)),
+        ("classifier accuracy", lambda: zb.classifier_accuracy(classifier, "test")),
+    ], progress)
+    rows["vae"] = {"psnr": psnr, "resolution": zb.UNET_RESOLUTION, "factor": 4, "split": "test"}
+    rows["vae_f2"] = {"psnr": psnr_f2, "resolution": zb.DIT_RESOLUTION, "factor": 2, "split": "test"}
+    rows["classifier"] = {**accuracy, "trained_on": "train split only"}
     result = {**rows, "protocol": protocol}
     atomic_write_json(out_dir / f"{name}.json", result)
     table = [{"model": k, **v} for k, v in rows.items() if k.endswith("teacher")]
@@ -111,6 +169,7 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
         "# Digits-world teachers\n",
         f"Measured by `fastgen zoo check` ({samples} samples per teacher, seed {seed}). "
         f"Real-vs-real digits-FID floor (train split vs held-out): {protocol['real_vs_real_fid_floor']}.\n\n",
+        *([note.strip() + "\n\n"] if note.strip() else []),
         markdown_table(table, ["model", "pipeline", "steps", "guidance", "digit_accuracy", "colour_accuracy",
                                "digits_fid", "samples", "seconds"]),
         "\n",
@@ -119,4 +178,6 @@ def check(samples: int = 1000, steps: int = 50, out_dir: str | Path = "benchmark
         markdown_table([{"model": "classifier", **rows["classifier"]}], ["model", "digit_accuracy", "colour_accuracy", "samples", "trained_on"]),
     ]
     atomic_write_text(out_dir / f"{name}.md", "".join(md))
+    if keep_images:
+        return {**result, "_images": kept, "_seconds": kept_seconds}
     return result
