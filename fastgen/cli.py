@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_sample)
 
     d = sub.add_parser("demo", help="the digits-world demo")
-    d.add_argument("--samples", type=_positive_int, default=500, help="samples per pipeline for the demo's tables")
+    d.add_argument("--samples", type=_positive_int, default=200, help="samples per pipeline for the demo's tables (a first look; make bench measures 1000)")
     d.add_argument("--skip-students", action="store_true", help="only the teachers' grids and table")
     d.add_argument("--steps", type=_positive_int, default=50)
     d.add_argument("--out", default="runs/demo")
