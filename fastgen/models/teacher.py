@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from fastgen.diffusion import NoiseSchedule, to_x0_eps
-from fastgen.errors import ResolutionError
+from fastgen.errors import DataError, ResolutionError
 from fastgen.models.loading import SUPPORTED_PIPELINES, family_of, load_pipeline
 
 #: Network kind of each family.
@@ -582,6 +582,29 @@ class Teacher(torch.nn.Module):
         z = dist.sample(generator=generator) if sample else dist.mode()
         latents = (z - self.shift_factor) * self.scaling_factor
         return latents.to(pixels.dtype)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict[str, Any], vae_sample: bool = False, what: str = "training") -> tuple[torch.Tensor, PromptEmbeds]:
+        """``(latents [B, C, h, w] float32, embeddings)`` of a training batch: ``pixels`` (in [-1, 1]) or cached
+        ``latents``, and ``caption`` strings or cached ``hidden`` (+ ``pooled``) embeddings."""
+        device = self.device
+        if "latents" in batch:
+            latents = batch["latents"].to(device=device, dtype=torch.float32)
+        elif "pixels" in batch:
+            with torch.autocast(device_type=device.type, enabled=False):  # the VAE encodes in its own dtype
+                latents = self.encode(batch["pixels"].to(device=device, dtype=torch.float32), sample=vae_sample).float()
+        else:
+            raise DataError(f"a {what} batch needs 'pixels' (images in [-1, 1]) or 'latents' (a cache); got {sorted(batch)}")
+        if "hidden" in batch:
+            embeds = PromptEmbeds(hidden=batch["hidden"].to(device), pooled=batch["pooled"].to(device) if "pooled" in batch else None)
+        elif "caption" in batch:
+            captions = batch["caption"]
+            embeds = self.encode_prompt([captions] if isinstance(captions, str) else list(captions))
+        else:
+            raise DataError(f"a {what} batch needs 'caption' strings or cached 'hidden' embeddings; got {sorted(batch)}")
+        if len(embeds) != latents.shape[0]:
+            raise DataError(f"batch has {latents.shape[0]} images but {len(embeds)} captions; pass one caption per image")
+        return latents, embeds
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` -> pixels ``[B, 3, H, W]`` in [-1, 1] (clamped unless ``clamp=False``).

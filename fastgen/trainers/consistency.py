@@ -18,24 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import LCMScheduler
 
 from fastgen.diffusion import ddim_step, lcm_timesteps, multistep_consistency_sample, randn_like_diffusers, skip_grid
-from fastgen.errors import ConfigError, DataError, ModelLoadError
+from fastgen.errors import ConfigError, ModelLoadError
 from fastgen.losses import consistency_loss
 from fastgen.models import PromptEmbeds
 from fastgen.models.denoisers import ConsistencyDenoiser, with_guidance_embedding
 from fastgen.models.lora import LoRA
 from fastgen.models.spec import LoadedTeacher, load_teacher, lower_precision
 from fastgen.data.sources import build_dataset
-from fastgen.pipelines.cards import consistency_card
+from fastgen.pipelines.consistency import consistency_export_plan
 from fastgen.pipelines.writer import ExportPlan
 from fastgen.trainers.engine.ema import ema_update_
 from fastgen.trainers.method import Method
@@ -153,26 +151,8 @@ class ConsistencyStudent(torch.nn.Module):
 
     # ------------------------------------------------------------------ data
     def encode_batch(self, batch: dict[str, Any], vae_sample: bool = False) -> tuple[torch.Tensor, PromptEmbeds]:
-        """``(latents [B, C, h, w] float32, embeddings)`` of pixels+captions or cached tensors."""
-        device = self.device
-        with torch.no_grad():
-            if "latents" in batch:
-                latents = batch["latents"].to(device=device, dtype=torch.float32)
-            elif "pixels" in batch:
-                with _no_autocast(device):  # the VAE encodes in its own dtype (fp16 VAEs overflow)
-                    latents = self.teacher.encode(batch["pixels"].to(device=device, dtype=torch.float32), sample=vae_sample).float()
-            else:
-                raise DataError(f"a {self.section} batch needs 'pixels' (images in [-1, 1]) or 'latents' (a cache); got {sorted(batch)}")
-            if "hidden" in batch:
-                embeds = PromptEmbeds(hidden=batch["hidden"].to(device), pooled=batch["pooled"].to(device) if "pooled" in batch else None)
-            elif "caption" in batch:
-                captions = batch["caption"]
-                embeds = self.teacher.encode_prompt([captions] if isinstance(captions, str) else list(captions))
-            else:
-                raise DataError(f"a {self.section} batch needs 'caption' strings or cached 'hidden' embeddings; got {sorted(batch)}")
-        if len(embeds) != latents.shape[0]:
-            raise DataError(f"batch has {latents.shape[0]} images but {len(embeds)} captions; pass one caption per image")
-        return latents, embeds
+        """``(latents float32, embeddings)`` of a batch (:meth:`fastgen.models.Teacher.encode_batch`)."""
+        return self.teacher.encode_batch(batch, vae_sample=vae_sample, what=self.section)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, torch.Tensor]:
@@ -246,47 +226,19 @@ class ConsistencyStudent(torch.nn.Module):
             images = self.teacher.decode(z0.to(torch.float32))
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def lcm_scheduler(self) -> LCMScheduler:
-        """An ``LCMScheduler`` from the teacher's scheduler config with this run's grid and scaling."""
-        accepted = inspect.signature(LCMScheduler.__init__).parameters
-        base = {k: v for k, v in self.teacher.pipeline().scheduler.config.items() if k in accepted}
-        base.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_scaling=self.cfg.timestep_scaling)
-        return LCMScheduler.from_config(base)
-
     def export_plan(self, method: str, config: dict[str, Any], steps: int, guidance_scale: float, weights: str,
                     extra: dict[str, Any] | None = None) -> ExportPlan:
-        """A stock pipeline with the student UNet + LCMScheduler (full), or LoRA weights + the scheduler config."""
-        cfg, pipe = self.cfg, self.teacher.pipeline()
-        info: dict[str, Any] = {
-            "method": method + ("-lora" if self.is_lora else ""),
-            "teacher": self.loaded.name,
-            "teacher_path": os.fspath(Path(self.loaded.path).resolve()),
-            "teacher_pipeline_class": self.teacher.pipeline_class,
-            "pipeline_class": type(pipe).__name__,
-            "prediction_type": self.teacher.prediction_type,
-            "resolution": self.resolution,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance_scale,
-            "scheduler": "LCMScheduler",
-            "original_inference_steps": cfg.num_ddim_timesteps,
-            "timestep_scaling": cfg.timestep_scaling,
-            "config": config,
-            **(extra or {}),
-        }
-        scheduler = self.lcm_scheduler()
+        """What the export replaces (:func:`fastgen.pipelines.consistency.consistency_export_plan`)."""
+        info = {"method": method + ("-lora" if self.is_lora else ""), "teacher": self.loaded.name,
+                "teacher_path": os.fspath(Path(self.loaded.path).resolve()), "teacher_pipeline_class": self.teacher.pipeline_class,
+                "prediction_type": self.teacher.prediction_type, "resolution": self.resolution, "num_inference_steps": steps,
+                "guidance_scale": guidance_scale, "config": config, **(extra or {})}
         if self.lora is not None:
-            info.update(export="lora", base_model=self.loaded.name, base_model_path=info["teacher_path"],
-                        weight_name="pytorch_lora_weights.safetensors", lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        lora_target_modules=list(cfg.lora_target_modules),
-                        baked_guidance_lcm_form=cfg.lora_guidance if cfg.lora_guidance is not None else [cfg.w_min, cfg.w_max])
-            return ExportPlan(kind="lora", base=pipe, replace={"scheduler": scheduler}, lora_weights=self.lora.state_dict(),
-                              lora_metadata=self.lora.adapter_metadata(), info=info, card=consistency_card)
+            return consistency_export_plan(self.teacher.pipeline(), self.cfg, info, lora_weights=self.lora.state_dict(),
+                                           lora_metadata=self.lora.adapter_metadata())
         unet = self.sampling_net(weights)
-        info.update(export="pipeline", unet_weights="ema_target" if unet is self.target else "online_student",
-                    ema_decay=cfg.ema_decay, time_cond_proj_dim=cfg.w_embedding_dim, w_range_lcm_form=[cfg.w_min, cfg.w_max],
-                    guidance_scale_range=[cfg.w_min + 1.0, cfg.w_max + 1.0], unet_dtype=str(self.teacher.dtype).replace("torch.", ""))
-        return ExportPlan(kind="pipeline", base=pipe, replace={"unet": unet, "scheduler": scheduler}, info=info,
-                          card=consistency_card, dtype=self.teacher.dtype)
+        return consistency_export_plan(self.teacher.pipeline(), self.cfg, info, unet=unet, unet_is_target=unet is self.target,
+                                       dtype=self.teacher.dtype)
 
 
 def consistency_distillation_loss(
