@@ -11,6 +11,9 @@ instead of subclassing it (RG-LCD = :func:`consistency_loss` + :func:`reward_los
 :func:`flow_matching_loss`               flow matching: ``mse(v, eps - x0)``
 :func:`output_distillation_loss`         output KD: ``mse(student, teacher)``
 :func:`attention_alignment_loss`         CLEAR: mean over layers of ``mse(A_student, A_teacher)``
+:func:`discriminator_loss`               GAN discriminator: hinge or non-saturating (SCott)
+:func:`generator_loss`                   GAN generator side of the same objective
+:func:`r1_penalty`                       R1: ``mean ||grad_x D(x_real)||^2`` (zero-centred)
 ======================================  ==================================================
 """
 
@@ -27,16 +30,21 @@ __all__ = [
     "PREFERENCE_PAIRS",
     "attention_alignment_loss",
     "consistency_loss",
+    "discriminator_loss",
+    "generator_loss",
     "flow_matching_loss",
     "label_aware_info_nce",
     "output_distillation_loss",
     "pairwise_preference_kl",
+    "r1_penalty",
     "reward_loss",
 ]
 
 #: candidate pairs of the LRM alignment over (student, target, real) = (0, 1, 2)
 PREFERENCE_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 _REAL = 2
+#: GAN objectives of :func:`discriminator_loss` / :func:`generator_loss`
+ADVERSARIAL_LOSSES: tuple[str, ...] = ("hinge", "non-saturating")
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
@@ -121,3 +129,38 @@ def attention_alignment_loss(student: Sequence[torch.Tensor], teacher: Sequence[
     if not student:
         return None
     return torch.stack([F.mse_loss(a.float(), b.detach().float()) for a, b in zip(student, teacher)]).mean()
+
+
+def _check_adversarial(kind: str) -> None:
+    if kind not in ADVERSARIAL_LOSSES:
+        raise ConfigError(f"unknown adversarial loss {kind!r}; use one of {', '.join(ADVERSARIAL_LOSSES)}")
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """The discriminator's loss on real and generated logits.
+
+    hinge: ``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``;
+    non-saturating: ``mean(softplus(-D(real))) + mean(softplus(D(fake)))`` (binary cross-entropy).
+    """
+    _check_adversarial(kind)
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """The generator's loss on the discriminator's logits of its samples: hinge ``-mean(D(fake))``,
+    non-saturating ``mean(softplus(-D(fake)))``."""
+    _check_adversarial(kind)
+    fake = fake_logits.float()
+    if kind == "hinge":
+        return -fake.mean()
+    return F.softplus(-fake).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
+    """R1 gradient penalty ``mean_i ||d D(x_i) / d x_i||^2`` on real inputs (``real_inputs`` must require grad
+    and ``real_logits`` be computed from them); differentiable (``create_graph``) so it trains the discriminator."""
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_inputs, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()

@@ -36,7 +36,9 @@ from fastgen.diffusion.solvers import (
     flow_sigmas,
     sample_ddim,
     sample_flow_euler,
+    sde_teacher_move,
     skip_grid,
+    substep_grid,
 )
 
 __all__ = [
@@ -61,8 +63,10 @@ __all__ = [
     "randn_like_diffusers",
     "sample_ddim",
     "sample_flow_euler",
+    "sde_teacher_move",
     "skip_grid",
     "static_shift",
+    "substep_grid",
     "time_shift_exponential",
     "to_eps",
     "to_x0",

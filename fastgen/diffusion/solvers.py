@@ -67,6 +67,58 @@ def ddim_sde_step(
     return x_to
 
 
+XPredictor = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def substep_grid(t_from: torch.Tensor, t_to: torch.Tensor, substeps: int) -> list[torch.Tensor]:
+    """``substeps + 1`` integer timesteps per sample, evenly splitting ``t_from -> t_to`` (both ends kept).
+
+    ``u_j = t_from - round(j * (t_from - t_to) / M)``; spans shorter than ``M`` repeat a timestep (a zero-length
+    sub-step, which leaves ``x`` unchanged).
+    """
+    if substeps < 1:
+        raise ConfigError(f"the number of sub-steps must be >= 1, got {substeps}")
+    t_from, t_to = t_from.long(), t_to.long()
+    span = (t_from - t_to).double()
+    return [t_from - torch.round(span * j / substeps).long() for j in range(substeps + 1)]
+
+
+def sde_teacher_move(
+    predict: XPredictor,
+    x: torch.Tensor,
+    t_from: torch.Tensor,
+    t_to: torch.Tensor,
+    schedule: NoiseSchedule,
+    substeps: int = 1,
+    eta: float = 0.0,
+    noises: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Move ``x`` from ``t_from`` to ``t_to`` (vp timesteps, per sample) in ``substeps`` DDIM-eta steps.
+
+    Each sub-step asks ``predict(x_u, u) -> (x0, eps)`` (e.g. the teacher with CFG) and applies
+    :func:`ddim_sde_step` with stochasticity ``eta`` and ``noises[j]``: ``M`` applications of
+    ``DDIMScheduler.step(eta=eta, variance_noise=noises[j])``. ``eta = 0`` with one sub-step is LCD's
+    deterministic DDIM move (no noise drawn or needed).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"eta (the noise strength of the SDE solver) must be in [0, 1], got {eta}")
+    grid = substep_grid(t_from, t_to, substeps)
+    if eta > 0 and (noises is None or len(noises) < substeps):
+        raise ValueError(f"sde_teacher_move with eta > 0 needs {substeps} noise tensors, got {0 if noises is None else len(noises)}")
+    x = x.float()
+    for j in range(substeps):
+        u, v = grid[j].to(x.device), grid[j + 1].to(x.device)
+        x0, eps = predict(x, u)
+        a_u, s_u = schedule.alpha_sigma(u)
+        a_v, s_v = schedule.alpha_sigma(v)
+        dev = x.device
+        if eta > 0:
+            x = ddim_sde_step(x0.float(), eps.float(), a_u.to(dev), s_u.to(dev), a_v.to(dev), s_v.to(dev), eta, noises[j].float())
+        else:
+            x = ddim_step(x0.float(), eps.float(), a_v.to(dev), s_v.to(dev))
+    return x
+
+
 def euler_flow_step(x_t: torch.Tensor, velocity: torch.Tensor, sigma_from: Coef, sigma_to: Coef) -> torch.Tensor:
     """Euler step of the rectified-flow ODE ``dx/dsigma = v``: ``x_to = x_t + (sigma_to - sigma_from) * v``.
 

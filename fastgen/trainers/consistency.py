@@ -21,6 +21,7 @@ import copy
 import os
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -38,9 +39,12 @@ from fastgen.pipelines.writer import ExportPlan
 from fastgen.trainers.engine.ema import ema_update_
 from fastgen.trainers.method import Method
 
-__all__ = ["ConsistencyMethod", "ConsistencyStudent", "consistency_distillation_loss", "consistency_setup", "drop_captions"]
+__all__ = ["ConsistencyMethod", "ConsistencyStudent", "TeacherMove", "consistency_distillation_loss", "consistency_setup", "drop_captions"]
 
 _COND_PROJ_KEY = "time_embedding.cond_proj.weight"
+
+#: ``move(predict, x_start, t_start, t_end) -> x_end``: how the teacher crosses one skip interval
+TeacherMove = Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _no_autocast(device: torch.device):
@@ -250,22 +254,32 @@ def consistency_distillation_loss(
     w: torch.Tensor,
     kind: str = "huber",
     huber_c: float = 0.001,
+    move: TeacherMove | None = None,
 ) -> dict[str, torch.Tensor]:
     """LCD's loss for explicit randomness: grid ``index`` [B], ``noise`` like ``latents``, ``w`` [B] (LCM form).
 
-    Returns ``loss`` and the intermediates ``t_start``, ``t_end``, ``x_start``, ``x_end``, ``pred``, ``target``.
+    ``move(predict, x_s, t_s, t_e) -> x_e`` replaces the teacher's one deterministic DDIM step (SCott's
+    stochastic sub-steps); ``predict(x, t) -> (x0, eps)`` is the guided teacher. Returns ``loss`` and the
+    intermediates ``t_start``, ``t_end``, ``x_start``, ``x_end``, ``pred``, ``target``.
     """
     sched, device = nets.teacher.schedule, latents.device
     # 1. a skip-grid pair t_s = tau_i, t_e = t_s - k, and x_s ~ q(x_s | z0)
     t_start = nets.ddim_grid.to(device)[index.to(device)]
     t_end = (t_start - nets.skip).clamp(min=0)
     x_start = sched.add_noise(latents, noise, t_start)
-    # 2. one guided teacher DDIM step t_s -> t_e (cond and uncond in one batched forward)
-    with torch.no_grad():
+
+    # 2. the guided teacher moves t_s -> t_e: one DDIM step (cond and uncond in one batched forward), or `move`
+    def predict(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with nets.adapters_disabled():
-            x0_t, eps_t = nets.teacher.predict(x_start, t_start, embeds, nets.uncond(device), guidance=(w + 1.0).to(device))
-        a_e, s_e = sched.alpha_sigma(t_end)
-        x_end = ddim_step(x0_t.float(), eps_t.float(), a_e.to(device), s_e.to(device))
+            return nets.teacher.predict(x, t, embeds, nets.uncond(device), guidance=(w + 1.0).to(device))
+
+    with torch.no_grad():
+        if move is None:
+            x0_t, eps_t = predict(x_start, t_start)
+            a_e, s_e = sched.alpha_sigma(t_end)
+            x_end = ddim_step(x0_t.float(), eps_t.float(), a_e.to(device), s_e.to(device))
+        else:
+            x_end = move(predict, x_start, t_start, t_end)
     # 3. the student's consistency output at t_s, the target's at t_e (no grad)
     pred = nets.f(nets.student, x_start, t_start, embeds, w)
     with torch.no_grad():

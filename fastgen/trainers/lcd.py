@@ -33,6 +33,7 @@ from fastgen.models.teacher import PromptEmbeds
 from fastgen.trainers.consistency import (
     ConsistencyMethod,
     ConsistencyStudent,
+    TeacherMove,
     consistency_distillation_loss,
     drop_captions,
 )
@@ -102,10 +103,12 @@ class LCDConfig:
                 raise ConfigError(message)
 
 
-def lcd_step(nets: ConsistencyStudent, cfg: LCDConfig, latents: torch.Tensor, embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
+def lcd_step(nets: ConsistencyStudent, cfg: LCDConfig, latents: torch.Tensor, embeds: PromptEmbeds,
+             move: TeacherMove | None = None) -> dict[str, torch.Tensor]:
     """One LCD step's loss on encoded latents and prompt embeddings; RG-LCD and SCott compose it.
 
-    Returns :func:`~fastgen.trainers.consistency.consistency_distillation_loss`'s dict plus the drawn ``w``.
+    ``move`` replaces the teacher's deterministic DDIM step (SCott's SDE sub-steps). Returns
+    :func:`~fastgen.trainers.consistency.consistency_distillation_loss`'s dict plus the drawn ``w``.
     """
     b, device = latents.shape[0], latents.device
     # 1. caption dropout (the unconditional branch the student may also be asked for)
@@ -118,7 +121,7 @@ def lcd_step(nets: ConsistencyStudent, cfg: LCDConfig, latents: torch.Tensor, em
     noise = torch.randn_like(latents)
     w = nets.guidance(b, device)
     # 3. the consistency-distillation loss (guided teacher DDIM step, student vs EMA target)
-    out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c)
+    out = consistency_distillation_loss(nets, latents, embeds, index, noise, w, cfg.loss, cfg.huber_c, move)
     out["w"] = w
     return out
 

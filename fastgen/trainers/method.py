@@ -154,6 +154,10 @@ class Method(torch.nn.Module):
         self.sample_config = sample if sample is not None else SampleConfig()
         self.export_config = export if export is not None else ExportConfig()
 
+    def configure_training(self, max_steps: int) -> None:
+        """Told ``train.max_steps`` before training (by the run builder); methods whose options depend on the
+        run's length (a start step, a schedule over training) check and use it here."""
+
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Optimizer name -> its trainable parameters (e.g. {"student": [...], "disc": [...]})."""
@@ -232,7 +236,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 #: Methods that ship with fastgen: the module ``fastgen.trainers.<name with _ for ->`` registers each.
-BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "clear")
+BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "scott", "clear")
 
 
 def _import_method_module(name: str) -> None:

@@ -239,13 +239,15 @@ def build_method(run_config: Any, method_cls: type[Method]) -> Method:
     from accelerate.utils import set_seed
 
     set_seed(run_config.train.seed)
-    return method_cls(
+    method = method_cls(
         getattr(run_config, method_section(method_cls)),
         teacher=run_config.teacher,
         data=run_config.data,
         sample=run_config.sample,
         export=run_config.export,
     )
+    method.configure_training(int(run_config.train.max_steps))
+    return method
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
