@@ -280,3 +280,18 @@ def test_adversarial_timesteps_add_a_student_call_and_are_checked(teacher):
         grads.append(grads_of(m, out.losses["student"]))
         assert len(calls) == (1 if ts is None else 2)  # the consistency rows, plus the sampler-timestep call
     assert max(float((x - y).abs().max()) for x, y in zip(*grads)) > 1e-7
+
+
+def test_recipe_discriminator_spec_is_accepted_without_a_discriminator(teacher, tmp_path):
+    from fastgen.trainers.engine.run import prepare_run
+
+    recipe = RECIPES / "scott-digits.yaml"
+    base = [f"teacher.path={teacher}", "train.log_with=none", "train.progress=false"]
+    trainer, _ = prepare_run(recipe, [*base, f"output_dir={tmp_path / 'a'}", "scott.adv_weight=0"])
+    assert set(trainer.groups) == {"student"}  # the recipe's train.optimizers.discriminator is ignored
+    trainer, _ = prepare_run(recipe, [*base, f"output_dir={tmp_path / 'b'}"])
+    assert set(trainer.groups) == {"student", "discriminator"}
+    spec = trainer.specs["discriminator"]
+    assert (spec.optimizer, spec.learning_rate, spec.betas, spec.max_grad_norm) == ("adam", 2.0e-4, (0.0, 0.99), 1.0)
+    with pytest.raises(ConfigError, match="names optimizer 'discriminatr'.*did you mean 'discriminator'"):
+        prepare_run(recipe, [*base, f"output_dir={tmp_path / 'c'}", "train.optimizers.discriminatr.learning_rate=0.1"])

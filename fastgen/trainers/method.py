@@ -167,6 +167,11 @@ class Method(torch.nn.Module):
         """The method's default optimizer spec per group (e.g. a discriminator's betas); recipes override."""
         return {}
 
+    def inactive_groups(self) -> tuple[str, ...]:
+        """Groups this configuration does not build (e.g. SCott's discriminator at ``adv_weight: 0``): a recipe may
+        still give them optimizer specs (they are ignored) without the unknown-optimizer error."""
+        return ()
+
     def optimizers_to_step(self, step: int) -> list[str]:
         """Names of the optimizers that step at iteration ``step`` (alternating updates)."""
         return list(self.parameter_groups())

@@ -167,6 +167,9 @@ class SCott(ConsistencyMethod):
         # GAN-style Adam for the discriminator (our choice); the recipe's train.optimizers.discriminator overrides
         return {DISC: OptimizerSpec(optimizer="adam", betas=(0.0, 0.99))} if self.disc is not None else {}
 
+    def inactive_groups(self) -> tuple[str, ...]:
+        return (DISC,) if self.disc is None else ()
+
     def optimizers_to_step(self, step: int) -> list[str]:
         disc_now = self.adversarial_at(step) and (step - self.config.adv_start_step) % self.config.disc_update_every == 0
         return ["student", DISC] if disc_now else ["student"]

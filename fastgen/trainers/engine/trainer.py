@@ -341,7 +341,7 @@ class Trainer:
             self._broadcast_from_main()
 
         for key, given in (("learning_rates", config.learning_rates), ("optimizers", config.optimizers)):
-            unknown = set(given) - set(self.groups)
+            unknown = set(given) - set(self.groups) - set(method.inactive_groups())
             if unknown:
                 import difflib
 
