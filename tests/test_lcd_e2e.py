@@ -107,6 +107,30 @@ def assert_not_blank(path: Path) -> None:
     assert arr.std() > 1.0, f"{path} is a blank image"
 
 
+def train_and_kill(args: list[str], run_dir: Path, at_least: int, timeout: float) -> int:
+    """Run ``fastgen ARGS`` and SIGKILL it as soon as RUN_DIR's latest checkpoint is at step >= ``at_least``;
+    returns the step of that checkpoint (the kill lands between checkpoints, mid-training)."""
+    p = subprocess.Popen(fastgen_cmd(*args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    try:
+        while True:
+            name = latest.read_text().strip() if latest.exists() else ""
+            if name and int(name.split("-")[1]) >= at_least:
+                break
+            assert p.poll() is None, p.communicate()[0].decode(errors="replace")[-3000:]
+            assert time.time() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.005)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL
+    return int(latest.read_text().strip().split("-")[1])
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("lcd-e2e") / "tiny-sd", prediction_type="epsilon")
@@ -192,28 +216,7 @@ def test_lcd_resume_after_sigkill_matches_uninterrupted_run(teacher, tmp_path):
     # The kill must land between checkpoints: a far-away max_steps keeps the process training (it is
     # killed long before). With a constant LR, max_steps does not change the trajectory, so the run
     # is resumed with the final step count of the reference run.
-    p = subprocess.Popen(
-        fastgen_cmd(*train_args(teacher, killed, "train.max_steps=2000", *common)),
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    try:
-        while True:
-            name = latest.read_text().strip() if latest.exists() else ""
-            if name and int(name.split("-")[1]) >= 2:
-                break
-            assert p.poll() is None, p.communicate()[0].decode(errors="replace")[-3000:]
-            assert time.time() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.005)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == -signal.SIGKILL
-    killed_at = int(latest.read_text().strip().split("-")[1])
+    killed_at = train_and_kill(train_args(teacher, killed, "train.max_steps=2000", *common), killed, at_least=2, timeout=120)
     assert 2 <= killed_at < 2000
     at_kill = ckpt.load_model_state(killed / "checkpoints" / ckpt.checkpoint_name(killed_at))
     final = max(8, killed_at + 2)  # normally 8 (killed at 2..6); at least one checkpoint after the resume

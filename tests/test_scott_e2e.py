@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastgen.trainers.engine import checkpoint as ckpt
-from test_lcd_e2e import FAST, _free_port, env, fastgen, fastgen_cmd, final_state, max_diff, ok, subset
+from test_lcd_e2e import FAST, _free_port, env, fastgen, fastgen_cmd, final_state, max_diff, ok, subset, train_and_kill
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,26 +87,7 @@ def test_train_export_and_load_in_stock_diffusers_in_a_fresh_process(teacher, tm
 def test_resume_after_sigkill_matches_uninterrupted_run(teacher, tmp_path):
     common = ["train.checkpoint_every=2", "train.keep_checkpoints=0", "train.lr_scheduler=constant", "scott.ema_decay=0.5"]
     killed = tmp_path / "killed"
-    p = subprocess.Popen(fastgen_cmd(*train_args(teacher, killed, "train.max_steps=2000", *common)), cwd=ROOT, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 180
-    try:
-        while True:
-            name = latest.read_text().strip() if latest.exists() else ""
-            if name and int(name.split("-")[1]) >= 2:
-                break
-            assert p.poll() is None, p.communicate()[0].decode(errors="replace")[-3000:]
-            assert time.time() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.005)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == -signal.SIGKILL
-    killed_at = int(latest.read_text().strip().split("-")[1])
+    killed_at = train_and_kill(train_args(teacher, killed, "train.max_steps=2000", *common), killed, at_least=2, timeout=180)
     at_kill = ckpt.load_model_state(killed / "checkpoints" / ckpt.checkpoint_name(killed_at))
     final = max(6, killed_at + 2)
 
