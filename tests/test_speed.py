@@ -73,7 +73,8 @@ def test_rows_for_both_scopes(sd_pipe):
         # SD's classifier-free guidance: one forward per step on the doubled batch
         assert r["network_evals"] == 4 and r["network_batch"] == 2
         assert r["torch"] == torch.__version__
-    assert net["latency_s_median"] < e2e["latency_s_median"]
+    # the forwards are part of their calls (timed in the same calls, so robust on a busy machine)
+    assert net["latency_s_median"] < net["call_s_median"] and all(x >= 0 for x in net["outside_denoiser_s_all"])
 
 
 @pytest.mark.parametrize("guidance, batch, expected", [(7.5, 2, 4), (1.0, 2, 2), (1.0, 1, 1)])
