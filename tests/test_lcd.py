@@ -22,7 +22,8 @@ from fastgen.evaluation.training import TrainingEvaluator
 from fastgen.losses import consistency_loss as lcd_loss
 from fastgen.models.denoisers import guidance_embedding
 from fastgen.models.teacher import PromptEmbeds
-from fastgen.trainers.consistency import ConsistencyStudent, consistency_distillation_loss, drop_captions
+from fastgen.models.teacher import drop_captions
+from fastgen.trainers.consistency import ConsistencyStudent, consistency_distillation_loss
 from fastgen.trainers.lcd import LCD, LCDConfig
 from fastgen.trainers.method import METHODS, get_method
 from tiny_models import build_method, make_tiny_sd, make_tiny_sdxl

@@ -195,6 +195,19 @@ class PromptEmbeds:
 # --------------------------------------------------------------------------- helpers
 
 
+def drop_captions(embeds: PromptEmbeds, uncond: PromptEmbeds, drop: torch.Tensor) -> PromptEmbeds:
+    """Rows where ``drop`` is true get the empty-prompt embedding ``uncond``."""
+    u = uncond.to(embeds.device, embeds.dtype).expand(len(embeds))
+    d = drop.to(embeds.device)
+
+    def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None:
+            return None
+        return torch.where(d.view(-1, *([1] * (a.ndim - 1))), b.to(a.dtype), a)
+
+    return PromptEmbeds(hidden=pick(embeds.hidden, u.hidden), pooled=pick(embeds.pooled, u.pooled), extra=dict(embeds.extra))
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """Flux packing: ``[B, C, h, w] -> [B, (h/2)*(w/2), 4*C]`` (2x2 patches become tokens)."""
     b, c, h, w = latents.shape

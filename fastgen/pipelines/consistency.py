@@ -4,6 +4,8 @@ an ``LCMScheduler`` (full student), or LoRA weights + the scheduler's config (LC
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from diffusers import LCMScheduler
 from fastgen.pipelines.cards import consistency_card
 from fastgen.pipelines.writer import ExportPlan
 
-__all__ = ["consistency_export_plan", "lcm_scheduler"]
+__all__ = ["consistency_export_plan", "lcm_scheduler", "student_export_plan"]
 
 
 def lcm_scheduler(base_config: dict[str, Any], original_inference_steps: int, timestep_scaling: float) -> LCMScheduler:
@@ -56,3 +58,20 @@ def consistency_export_plan(
                 unet_dtype=str(dtype or next(unet.parameters()).dtype).replace("torch.", ""))
     return ExportPlan(kind="pipeline", base=pipe, replace={"unet": unet, "scheduler": scheduler}, info=info,
                       card=consistency_card, dtype=dtype)
+
+
+def student_export_plan(student: Any, method: str, config: dict[str, Any], steps: int, guidance_scale: float, weights: str,
+                        extra: dict[str, Any] | None = None) -> ExportPlan:
+    """The export of a consistency student (``fastgen.trainers.consistency.ConsistencyStudent``): its sampling
+    UNet (``weights``: ``target`` or ``online``) in the teacher's pipeline, or its LoRA weights."""
+    loaded, teacher = student.loaded, student.teacher
+    info = {"method": method + ("-lora" if student.is_lora else ""), "teacher": loaded.name,
+            "teacher_path": os.fspath(Path(loaded.path).resolve()), "teacher_pipeline_class": teacher.pipeline_class,
+            "prediction_type": teacher.prediction_type, "resolution": student.resolution, "num_inference_steps": steps,
+            "guidance_scale": guidance_scale, "config": config, **(extra or {})}
+    if student.lora is not None:
+        return consistency_export_plan(teacher.pipeline(), student.cfg, info, lora_weights=student.lora.state_dict(),
+                                       lora_metadata=student.lora.adapter_metadata())
+    unet = student.sampling_net(weights)
+    return consistency_export_plan(teacher.pipeline(), student.cfg, info, unet=unet, unet_is_target=unet is student.target,
+                                   dtype=teacher.dtype)

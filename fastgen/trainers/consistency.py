@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import asdict
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -34,12 +32,11 @@ from fastgen.models.denoisers import ConsistencyDenoiser, with_guidance_embeddin
 from fastgen.models.lora import LoRA
 from fastgen.models.spec import LoadedTeacher, load_teacher, lower_precision
 from fastgen.data.sources import build_dataset
-from fastgen.pipelines.consistency import consistency_export_plan
-from fastgen.pipelines.writer import ExportPlan
+from fastgen.pipelines.consistency import student_export_plan
 from fastgen.trainers.engine.ema import ema_update_
 from fastgen.trainers.method import Method
 
-__all__ = ["ConsistencyMethod", "ConsistencyStudent", "TeacherMove", "consistency_distillation_loss", "consistency_setup", "drop_captions"]
+__all__ = ["ConsistencyMethod", "ConsistencyStudent", "TeacherMove", "consistency_distillation_loss", "consistency_setup"]
 
 _COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 
@@ -49,19 +46,6 @@ TeacherMove = Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 def _no_autocast(device: torch.device):
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
-
-
-def drop_captions(embeds: PromptEmbeds, uncond: PromptEmbeds, drop: torch.Tensor) -> PromptEmbeds:
-    """Rows where ``drop`` is true get the empty-prompt embedding ``uncond``."""
-    u = uncond.to(embeds.device, embeds.dtype).expand(len(embeds))
-    d = drop.to(embeds.device)
-
-    def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        if a is None:
-            return None
-        return torch.where(d.view(-1, *([1] * (a.ndim - 1))), b.to(a.dtype), a)
-
-    return PromptEmbeds(hidden=pick(embeds.hidden, u.hidden), pooled=pick(embeds.pooled, u.pooled), extra=dict(embeds.extra))
 
 
 class ConsistencyStudent(torch.nn.Module):
@@ -230,20 +214,6 @@ class ConsistencyStudent(torch.nn.Module):
             images = self.teacher.decode(z0.to(torch.float32))
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def export_plan(self, method: str, config: dict[str, Any], steps: int, guidance_scale: float, weights: str,
-                    extra: dict[str, Any] | None = None) -> ExportPlan:
-        """What the export replaces (:func:`fastgen.pipelines.consistency.consistency_export_plan`)."""
-        info = {"method": method + ("-lora" if self.is_lora else ""), "teacher": self.loaded.name,
-                "teacher_path": os.fspath(Path(self.loaded.path).resolve()), "teacher_pipeline_class": self.teacher.pipeline_class,
-                "prediction_type": self.teacher.prediction_type, "resolution": self.resolution, "num_inference_steps": steps,
-                "guidance_scale": guidance_scale, "config": config, **(extra or {})}
-        if self.lora is not None:
-            return consistency_export_plan(self.teacher.pipeline(), self.cfg, info, lora_weights=self.lora.state_dict(),
-                                           lora_metadata=self.lora.adapter_metadata())
-        unet = self.sampling_net(weights)
-        return consistency_export_plan(self.teacher.pipeline(), self.cfg, info, unet=unet, unet_is_target=unet is self.target,
-                                       dtype=self.teacher.dtype)
-
 
 def consistency_distillation_loss(
     nets: ConsistencyStudent,
@@ -349,5 +319,5 @@ class ConsistencyMethod(Method):
         return {}
 
     def export_plan(self):
-        return self.nets.export_plan(self.export_name(), asdict(self.config), self.sample_steps, self.guidance_scale(),
-                                     self.export_config.weights, self.export_extra())
+        return student_export_plan(self.nets, self.export_name(), asdict(self.config), self.sample_steps, self.guidance_scale(),
+                                   self.export_config.weights, self.export_extra())

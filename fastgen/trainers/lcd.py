@@ -29,13 +29,12 @@ import torch
 
 from fastgen.errors import ConfigError
 from fastgen.models.lora import DEFAULT_UNET_TARGETS
-from fastgen.models.teacher import PromptEmbeds
+from fastgen.models.teacher import PromptEmbeds, drop_captions
 from fastgen.trainers.consistency import (
     ConsistencyMethod,
     ConsistencyStudent,
     TeacherMove,
     consistency_distillation_loss,
-    drop_captions,
 )
 from fastgen.trainers.method import StepOutput, register_method
 
