@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fastgen"
-METHOD_FILES = {"lcd", "rg_lcd", "scott", "clear"}
+METHOD_FILES = {"lcd", "rg_lcd", "scott", "boot", "clear"}
 
 
 def imports(path: Path) -> list[tuple[str, list[str]]]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["clear_card", "consistency_card"]
+__all__ = ["clear_card", "consistency_card", "one_step_card"]
 
 _CONSISTENCY_TRAINING = (
     "num_ddim_timesteps", "w_min", "w_max", "w_embedding_dim", "loss", "huber_c", "timestep_scaling", "ema_decay",
     "lora", "lora_rank", "lora_alpha", "lora_guidance", "caption_dropout", "reward_scale", "mode",
 )
+_ONE_STEP_TRAINING = ("guidance_scale", "num_intervals", "delta", "min_dlambda", "boundary_weight", "t_max", "ema_decay")
 _CLEAR_TRAINING = ("radius", "down_factor", "caption_dropout", "fm_weight", "kd_weight", "attn_weight", "align_every")
 
 
@@ -132,4 +133,35 @@ def clear_card(info: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         **_described(info, guidance, weights, usage, _CLEAR_TRAINING),
         "tags": ["fastgen", "clear", "local-attention", "distillation", "flux"],
+    }
+
+
+def one_step_card(info: dict[str, Any]) -> dict[str, Any]:
+    """Card of a one-step generator exported as a stock pipeline + a one-step ``DDIMScheduler`` (BOOT)."""
+    res, t = info["resolution"], info["readout_timestep"]
+    usage = (
+        "from diffusers import DiffusionPipeline\n\n"
+        'pipe = DiffusionPipeline.from_pretrained("<this folder>")\n'
+        f'image = pipe("a prompt", num_inference_steps=1, guidance_scale=1.0, height={res}, width={res}).images[0]'
+    )
+    guidance = (
+        f"The teacher's classifier-free guidance (scale {info['teacher_guidance_scale']:g}) is distilled into the generator: "
+        "call the pipeline with `guidance_scale=1.0` (a larger value makes the stock pipeline run an unconditional pass "
+        "on top, which this generator was not trained for)."
+    )
+    weights = (
+        f"`{info['component']}/` holds the {info['weights_label']} weights, stored as {info[info['component'] + '_dtype']}; the text "
+        "encoder(s), tokenizer(s) and VAE are the teacher's, unchanged."
+    )
+    return {
+        "title": f"{info['method_title']} one-step generator distilled from {info['teacher']}",
+        "method": info["method_title"],
+        "teacher": f"{info['teacher']} ({info['teacher_pipeline_class']}, {info['prediction_type']} prediction)",
+        "pipeline_class": info["pipeline_class"],
+        "scheduler": (f"DDIMScheduler, one step (timestep_spacing={info['scheduler_timestep_spacing']}: the network reads the "
+                      f"starting noise at timestep {t}; its output is the sample, read as prediction_type="
+                      f"{info['readout_prediction_type']})"),
+        "steps": "1 only (the generator maps the starting noise to the sample; more steps feed it inputs it never saw)",
+        **_described(info, guidance, weights, usage, _ONE_STEP_TRAINING),
+        "tags": ["fastgen", "one-step", "distillation", info["method"]],
     }

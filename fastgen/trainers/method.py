@@ -241,7 +241,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 #: Methods that ship with fastgen: the module ``fastgen.trainers.<name with _ for ->`` registers each.
-BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "scott", "clear")
+BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "scott", "boot", "clear")
 
 
 def _import_method_module(name: str) -> None:

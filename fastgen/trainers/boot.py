@@ -1,0 +1,263 @@
+"""BOOT: data-free one-step distillation by bootstrapping in signal space.
+
+The student ``g`` (a copy of the teacher network, its output read as a signal) reads a fixed noise
+``eps``, a time ``t`` and the prompt, and emits the signal ``y_t = (x_t - sigma_t eps) / alpha_t`` of
+the guided teacher's deterministic trajectory started at ``eps`` (:mod:`fastgen.diffusion.signal`).
+One iteration, on prompts only (no image, no VAE encoder)::
+
+    grid t_0 = 0 < ... < t_N = T   uniform in lambda = log(sigma / alpha)       (signal_grid; flow: sigma 0 .. 1)
+    i ~ U{delta..N};  t = t_i,  s = t_{i-delta};  eps ~ N(0, I);  c = prompts
+    no grad:  y_t   = g(eps, t, c)
+              x_t   = alpha_t y_t + sigma_t eps
+              f     = teacher x0-estimate at (x_t, t), CFG folded in (cond + uncond in one batched call)
+              dl    = 1 - exp(lambda_s - lambda_t)                          (the exact DDIM coefficient)
+              target = y_t + dl (f - y_t)                                   (one DDIM step in signal space)
+    L_BS = mean( ||g(eps, s, c) - target||^2 / max(dl, min_dlambda)^2 )     (gradient through g(eps, s) only)
+    L_BC = ||g(eps, T, c) - f(eps, T, c)||^2                               (boundary: at T the signal is the
+                                                                            teacher's x0-estimate from pure noise)
+    L = L_BS + boundary_weight * L_BC
+
+The two student calls with gradient (at ``s`` and at ``T``) run as one batch, and so do the two teacher
+calls. Sampling is one call: ``y_0 = g(eps, 0, c)``, decoded. With a vp teacher whose ``alpha_T > 0``
+(SD's schedule) the trajectory the student learns starts at ``x_T = alpha_T f(eps, T) + sigma_T eps``,
+within ``alpha_T`` of the pure noise a sampler starts from. Export: the teacher's pipeline with the
+student as its network and a one-step ``DDIMScheduler`` (``prediction_type="sample"``, timestep 0),
+:mod:`fastgen.pipelines.one_step`; stock ``DiffusionPipeline.from_pretrained`` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fastgen.data.sources import build_dataset, source_kind
+from fastgen.diffusion import randn_like_diffusers
+from fastgen.diffusion.signal import point_from_signal, signal_coefficient, signal_ddim_step, signal_grid
+from fastgen.errors import ConfigError, ModelLoadError
+from fastgen.models.spec import load_teacher, lower_precision
+from fastgen.pipelines.cards import one_step_card
+from fastgen.pipelines.one_step import one_step_export_plan
+from fastgen.pipelines.writer import ExportError
+from fastgen.trainers.engine.ema import EMA
+from fastgen.trainers.method import Method, StepOutput, register_method
+
+__all__ = ["BOOT", "BOOTConfig"]
+
+#: teacher outputs that convert to an x0-estimate (``fastgen.diffusion.to_x0``)
+X0_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+
+
+@dataclass
+class BOOTConfig:
+    """BOOT's algorithm options (the ``boot:`` section).
+
+    Attributes:
+        guidance_scale: the teacher's classifier-free guidance folded into every target (pipeline convention,
+            ``u + g (c - u)``; 1 = none). The student is conditioned on the prompt only and samples without CFG.
+        num_intervals: N, intervals of the lambda-uniform grid between the read-out (t = 0) and the boundary T.
+        delta: grid intervals between ``s`` and ``t`` (1 <= delta <= N): one teacher step spans ``delta`` of them.
+        min_dlambda: floor of the coefficient in the ``1 / dlambda^2`` weight (it vanishes where the grid is dense).
+        boundary_weight: weight of the boundary term at T (0: none).
+        t_max: the boundary time T (vp: a timestep, default T - 1; flow: a sigma, default 1).
+        ema_decay: EMA of the student used for samples and export with ``export.weights: target`` (0: none).
+        gradient_checkpointing: trade compute for memory in the student network.
+    """
+
+    section: ClassVar[str] = "boot"
+
+    guidance_scale: float = 3.0
+    num_intervals: int = 32
+    delta: int = 1
+    min_dlambda: float = 0.02
+    boundary_weight: float = 1.0
+    t_max: float | None = None
+    ema_decay: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.guidance_scale >= 1.0, f"boot.guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}"),
+            (self.num_intervals >= 1, f"boot.num_intervals must be >= 1, got {self.num_intervals}; use e.g. 32"),
+            (1 <= self.delta <= self.num_intervals, f"boot.delta ({self.delta}) is outside the grid: it counts grid intervals "
+                                                    f"between s and t and must be in 1..boot.num_intervals ({self.num_intervals})"),
+            (0.0 < self.min_dlambda <= 1.0, f"boot.min_dlambda must be in (0, 1], got {self.min_dlambda}; use e.g. 0.02"),
+            (self.boundary_weight >= 0, f"boot.boundary_weight must be >= 0, got {self.boundary_weight}"),
+            (0.0 <= self.ema_decay < 1.0, f"boot.ema_decay must be in [0, 1), got {self.ema_decay}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@register_method
+class BOOT(Method):
+    """BOOT; see the module docstring for the algorithm."""
+
+    name = "boot"
+    config_class = BOOTConfig
+    default_sample_steps = 1
+    default_data_source = "prompts"
+
+    def __init__(self, config: BOOTConfig, **shared: Any):
+        super().__init__(config, **shared)
+        cfg = config
+        if self.sample_steps != 1:
+            raise ConfigError(f"BOOT's student is a one-step generator; set sample.steps: 1 (or null), got {self.sample_steps}")
+        self.loaded = loaded = load_teacher(self.teacher_config, self.default_teacher, ("sd", "sdxl", "flux", "sd3", "pixart"), "BOOT")
+        self.teacher = teacher = loaded.teacher
+        sched = teacher.schedule
+        self.register_buffer("grid", signal_grid(sched, cfg.num_intervals, cfg.t_max), persistent=False)
+        alpha_top = float(sched.alpha_sigma(self.grid[-1])[0])
+        if teacher.prediction_type not in X0_PREDICTIONS:
+            raise ConfigError(f"teacher '{loaded.name}' predicts '{teacher.prediction_type}', which gives no x0-estimate; BOOT "
+                              f"needs one of {', '.join(X0_PREDICTIONS)}")
+        if teacher.prediction_type == "epsilon" and alpha_top < 1e-4:
+            raise ConfigError(f"teacher '{loaded.name}' predicts epsilon and its schedule has alpha = {alpha_top:.2g} at the "
+                              f"boundary t = {float(self.grid[-1]):g}: x0 = (x - sigma eps) / alpha gives no x0-estimate there "
+                              "(zero terminal SNR); set boot.t_max below it, or distil a v-prediction / sample / flow teacher")
+        self.student = copy.deepcopy(teacher.net).requires_grad_(True).train()
+        if cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        lower_precision(teacher, loaded.low_dtype)
+        self.ema = EMA(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self._uncond_cpu = teacher.encode_prompt([""])
+
+    def is_digits_world(self) -> bool:
+        return self.loaded.digits
+
+    # ---- what trains -------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return {"student": [p for p in self.student.parameters() if p.requires_grad]}
+
+    def after_optimizer_step(self, name: str, step: int) -> None:
+        if self.ema is not None and name == "student":
+            self.ema.update()
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        kind = source_kind(self.data_config)
+        if kind != "prompts":
+            raise ConfigError(f"BOOT is data-free: it trains on prompts only, but data.source '{self.data_config.source}' is a "
+                              f"{kind} source (refused, not ignored); set data.source: prompts and data.prompts: <a prompt file> "
+                              "(or leave data.prompts null for the digits-world captions)")
+        return build_dataset(self.data_config, resolution=self.loaded.resolution, accepts=("prompts",))
+
+    # ---- the networks --------------------------------------------------------------------------
+    def signal(self, eps: torch.Tensor, t: torch.Tensor, embeds: Any, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """The student's signal ``g(eps, t, c)``: the network's output, in float32."""
+        return self.teacher.forward(eps, t, embeds, net=self.student if net is None else net).float()
+
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, embeds: Any) -> torch.Tensor:
+        """The teacher's x0-estimate with the run's guidance (one batched call for cond and uncond)."""
+        g, teacher = float(self.config.guidance_scale), self.teacher
+        uncond = None if (teacher.guidance_embeds or g == 1.0) else self._uncond_cpu.to(x_t.device)
+        with torch.no_grad():
+            return teacher.predict(x_t, t, embeds, uncond, guidance=g)[0].float()
+
+    def boot_loss(self, eps: torch.Tensor, embeds: Any, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BOOT's loss for explicit randomness: starting noise ``eps`` [B, C, h, w] and grid ``index`` [B] of ``t``."""
+        cfg, sched, device = self.config, self.teacher.schedule, eps.device
+        grid = self.grid.to(device)
+        t, s, top = grid[index], grid[index - cfg.delta], grid[-1:].expand(len(index))
+        (a_t, s_t), (a_s, s_s) = sched.alpha_sigma(t), sched.alpha_sigma(s)
+        coef = signal_coefficient(a_t.float(), s_t.float(), a_s.float(), s_s.float()).to(device)
+        # 1. the target: the student's signal at t, one guided teacher DDIM step t -> s in signal space (no grad);
+        #    the boundary's target (the teacher at pure noise) rides in the same teacher call
+        with torch.no_grad():
+            y_t = self.signal(eps, t, embeds)
+            x_t = point_from_signal(y_t, eps, a_t.to(device).float(), s_t.to(device).float())
+            both = embeds.cat(embeds) if cfg.boundary_weight > 0 else embeds
+            x0 = self.teacher_x0(torch.cat([x_t, eps]) if cfg.boundary_weight > 0 else x_t,
+                                 torch.cat([t, top]) if cfg.boundary_weight > 0 else t, both)
+            f_t, f_top = (x0.chunk(2) if cfg.boundary_weight > 0 else (x0, None))
+            target = signal_ddim_step(y_t, f_t, coef)
+        # 2. the student at s (and at T) with gradient, one batched call
+        out = self.signal(torch.cat([eps, eps]), torch.cat([s, top]), both) if cfg.boundary_weight > 0 else self.signal(eps, s, embeds)
+        y_s, y_top = (out.chunk(2) if cfg.boundary_weight > 0 else (out, None))
+        weight = coef.clamp(min=cfg.min_dlambda).pow(-2)
+        loss_bs = (weight * (y_s - target).pow(2).flatten(1).mean(1)).mean()
+        loss_bc = (y_top - f_top).pow(2).mean() if y_top is not None else torch.zeros((), device=device)
+        return {"loss": loss_bs + cfg.boundary_weight * loss_bc, "loss_bs": loss_bs, "loss_bc": loss_bc, "t": t, "s": s,
+                "coefficient": coef, "target": target, "y_s": y_s}
+
+    def train_step(self, batch: dict[str, Any], step: int) -> StepOutput:
+        embeds = self.teacher.encode_prompt(list(batch["caption"]))
+        b, res = len(embeds), self.loaded.resolution
+        eps = torch.randn(self.teacher.latent_shape(b, res, res), device=self.teacher.device)
+        index = torch.randint(self.config.delta, self.config.num_intervals + 1, (b,)).to(eps.device)
+        out = self.boot_loss(eps, embeds, index)
+        return StepOutput(losses={"student": out["loss"]}, logs={
+            "loss": float(out["loss"].detach()), "loss/bs": float(out["loss_bs"].detach()),
+            "loss/bc": float(out["loss_bc"].detach()), "t_mean": float(out["t"].float().mean())})
+
+    # ---- state -------------------------------------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        if self.ema is not None:
+            state.update(self.ema.state_dict("ema."))
+        return state
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        sub = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        try:
+            self.student.load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"the checkpoint's student does not fit a copy of teacher '{self.loaded.name}': {str(exc)[:300]}; "
+                                 "use the teacher the run was trained with") from exc
+        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+        if self.ema is not None:
+            if not ema:
+                raise ModelLoadError("this checkpoint has no EMA of the student but the recipe sets boot.ema_decay > 0; "
+                                     "resume with boot.ema_decay: 0")
+            self.ema.load_state_dict(ema)
+
+    # ---- use ---------------------------------------------------------------------------------
+    def sampling_net(self) -> torch.nn.Module:
+        """The student's weights for samples and export: the EMA with ``export.weights: target`` when kept."""
+        if self.ema is None or self.export_config.weights == "online":
+            return self.student
+        net = copy.deepcopy(self.student)
+        self.ema.copy_to(net)
+        return net
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float | None = None) -> torch.Tensor:
+        """Images in [0, 1]: ``y_0 = g(eps, t_0, c)`` decoded, ``eps`` drawn as the exported pipeline draws it."""
+        if int(num_steps) != 1:
+            raise ConfigError(f"BOOT samples in exactly one step (its student maps the starting noise to the sample), got {num_steps}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        teacher, res = self.teacher, self.loaded.resolution
+        embeds = teacher.encode_prompt(prompts)
+        eps = randn_like_diffusers(teacher.latent_shape(len(embeds), res, res), generator=generator, device=teacher.device,
+                                   dtype=embeds.dtype).float()
+        net = self.sampling_net()
+        was_training = net.training
+        net.eval()
+        try:
+            y0 = self.signal(eps, self.grid[:1].to(eps.device).expand(len(embeds)), embeds, net)
+        finally:
+            net.train(was_training)
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            images = teacher.decode(y0)
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def export_plan(self):
+        teacher = self.teacher
+        if teacher.kind != "unet":
+            raise ExportError(f"BOOT exports a UNet student into a stock pipeline with a one-step DDIMScheduler; teacher "
+                              f"'{self.loaded.name}' is a {teacher.pipeline_class}, whose stock flow scheduler cannot return the "
+                              "student's signal in one step: not supported yet; distil a UNet (SD-family) teacher to export")
+        net = copy.deepcopy(self.sampling_net()).requires_grad_(False).eval()
+        ema = self.ema is not None and self.export_config.weights != "online"
+        info = {"method": self.name, "method_title": "BOOT", "teacher": self.loaded.name,
+                "teacher_path": os.fspath(Path(self.loaded.path).resolve()), "teacher_pipeline_class": teacher.pipeline_class,
+                "prediction_type": teacher.prediction_type, "resolution": self.loaded.resolution, "component": "unet",
+                "weights_label": f"EMA (decay {self.config.ema_decay})" if ema else "online student",
+                "teacher_guidance_scale": float(self.config.guidance_scale), "grid": [float(t) for t in self.grid],
+                "config": asdict(self.config)}
+        return one_step_export_plan(teacher.pipeline(), "unet", net, int(self.grid[0]), "sample", info, one_step_card,
+                                    dtype=teacher.dtype)

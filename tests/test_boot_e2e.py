@@ -1,0 +1,135 @@
+"""BOOT end to end on the tiny random SD teacher of tests/tiny_models.py, configured with a prompt file only:
+
+* a whole run in process (checkpoints, sample grids, export) with the VAE encoder hooked: never called;
+* exact resume after a real SIGKILL of ``fastgen train``;
+* ``fastgen export`` -> stock ``DiffusionPipeline.from_pretrained`` in a fresh process that never imports
+  fastgen, one step, reproducing the student's in-process images for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgen.trainers.engine import checkpoint as ckpt
+from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, train_and_kill
+from tiny_models import make_tiny_sd
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "fastgen" / "recipes" / "boot-digits.yaml")
+PROMPTS = ["a red handwritten digit seven", "a blue handwritten digit three"]
+
+FRESH = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline
+out_dir, prompts = sys.argv[1], json.loads(sys.argv[2])
+pipe = DiffusionPipeline.from_pretrained(out_dir)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+              height=16, width=16, output_type="pt").images
+torch.save(images, out_dir + "/../images.pt")
+print(json.dumps({"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                  "timesteps": pipe.scheduler.timesteps.tolist(),
+                  "fastgen_imported": any(m == "fastgen" or m.startswith("fastgen.") for m in sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("boot-e2e") / "tiny-sd", prediction_type="epsilon")
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("boot-prompts") / "prompts.txt"
+    path.write_text("# a DiffusionDB-style prompt list\n" + "\n".join(
+        f"a {c} handwritten digit {d}" for c in ("red", "blue", "green") for d in ("one", "two", "three", "four")) + "\n")
+    return path
+
+
+def train_args(teacher: Path, prompts: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "boot", "--config", RECIPE, f"teacher.path={teacher}", f"data.prompts={prompts}", "data.num_samples=12",
+            f"output_dir={run_dir}", "boot.num_intervals=8", *FAST, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_prompt_only_run_trains_checkpoints_and_exports_without_the_vae_encoder(teacher, prompt_file, tmp_path):
+    from fastgen.trainers.engine.run import prepare_run
+    from fastgen.workflows.export import export_run
+
+    run_dir = tmp_path / "run"
+    args = train_args(teacher, prompt_file, run_dir, "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=2")
+    trainer, _ = prepare_run(RECIPE, args[4:])
+    method = trainer.method
+    before = {k: v.clone() for k, v in method.checkpoint_state_dict().items()}
+    calls = []
+    hook = method.teacher.vae.encoder.register_forward_hook(lambda *a: calls.append("encoder"))
+    try:
+        trainer.train()
+        export_run(run_dir, tmp_path / "export")
+    finally:
+        hook.remove()
+    assert calls == []  # no image, no VAE encoder: data-free
+    assert ckpt.list_checkpoints(run_dir / "checkpoints") and (run_dir / "samples").is_dir()
+    assert max_diff(final_state(run_dir), before) > 1e-6
+    info = json.loads((tmp_path / "export" / "fastgen_export.json").read_text())
+    assert info["method"] == "boot" and info["num_inference_steps"] == 1 and info["readout_timestep"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_resume_after_sigkill_matches_uninterrupted_run(teacher, prompt_file, tmp_path):
+    common = ["train.checkpoint_every=2", "train.keep_checkpoints=0", "boot.ema_decay=0.5"]
+    killed = tmp_path / "killed"
+    killed_at = train_and_kill(train_args(teacher, prompt_file, killed, "train.max_steps=2000", *common), killed, at_least=2,
+                               timeout=180)
+    at_kill = ckpt.load_model_state(killed / "checkpoints" / ckpt.checkpoint_name(killed_at))
+    final = max(6, killed_at + 2)
+    full = tmp_path / "full"
+    p_full = subprocess.Popen(fastgen_cmd(*train_args(teacher, prompt_file, full, f"train.max_steps={final}", *common)), cwd=ROOT,
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = fastgen(*train_args(teacher, prompt_file, killed, f"train.max_steps={final}", *common), "--resume", "latest", timeout=300)
+    out, _ = p_full.communicate(timeout=300)
+    ok(r)
+    assert p_full.returncode == 0, out.decode(errors="replace")[-3000:]
+    a, b = final_state(full), final_state(killed)
+    assert {k.split(".")[0] for k in a} == {"student", "ema"}
+    assert max_diff(a, b) <= 1e-6
+    assert max_diff(a, at_kill) > 1e-6  # not vacuous: it trained after the resume point
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_export_loads_in_stock_diffusers_and_reproduces_the_student(teacher, prompt_file, tmp_path):
+    run_dir, out_dir = tmp_path / "run", tmp_path / "export"
+    ok(fastgen(*train_args(teacher, prompt_file, run_dir, "train.max_steps=3", "boot.ema_decay=0.5")))
+    ok(fastgen("export", run_dir, out_dir))
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(out_dir), json.dumps(PROMPTS)], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "timesteps": [0], "fastgen_imported": False}
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
+
+    from fastgen.trainers.engine.run import load_method_from_run
+
+    method, _ = load_method_from_run(run_dir)
+    ours = method.sample(PROMPTS, 1, torch.Generator().manual_seed(0))
+    assert images.shape == ours.shape == (2, 3, 16, 16)
+    assert float((images - ours).abs().max()) < 1e-5
+    assert float(images.std()) > 0.01  # an image, not a constant
+    # the exported weights are the EMA (export.weights: target), not the online student
+    online = method.student.state_dict()
+    from safetensors.torch import load_file
+
+    exported = load_file(str(next((out_dir / "unet").glob("*.safetensors"))))
+    key = next(k for k in exported if k in online and exported[k].is_floating_point())
+    assert not torch.equal(exported[key], online[key])
