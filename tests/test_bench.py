@@ -32,7 +32,7 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
     suite = load_suite("benchmarks/suites/digits.yaml", ["samples=40", "pipelines.1.steps=[2]", "speed.repeats=3"])
     assert suite.samples == 40 and suite.pipelines[1].steps == [2] and suite.speed.repeats == 3
     assert [p.label for p in suite.pipelines][:3] == ["teacher", "lcd", "lcd-lora"] and suite.speed.ratio == ["teacher@50", "lcd@4"]
-    assert {"rg-lcd-direct", "rg-lcd-lrm", "scott", "dit-teacher", "clear"} <= {p.label for p in suite.pipelines}
+    assert {"rg-lcd-direct", "rg-lcd-lrm", "scott", "boot", "dit-teacher", "clear"} <= {p.label for p in suite.pipelines}
     with pytest.raises(ConfigError, match="did you mean 'samples'"):
         suite_from_dict({"name": "x", "sampels": 3, "pipelines": [{"label": "a", "folder": "f"}]})
     with pytest.raises(ConfigError, match="needs a 'folder'"):
@@ -40,7 +40,7 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="unique"):
         suite_from_dict({"name": "x", "pipelines": [{"label": "a", "folder": "f"}, {"label": "a", "folder": "g"}]})
     with pytest.raises(ConfigError, match="not a valid list index"):
-        load_suite("benchmarks/suites/digits.yaml", ["pipelines.8.steps=[2]"])
+        load_suite("benchmarks/suites/digits.yaml", ["pipelines.9.steps=[2]"])
     with pytest.raises(ConfigError, match=r"pipelines.1.stepz.*did you mean 'steps'"):
         load_suite("benchmarks/suites/digits.yaml", ["pipelines.1.stepz=[2]"])
     with pytest.raises(ConfigError, match=r"speed.repeats' .*expects int"):

@@ -161,6 +161,27 @@ def test_loss_matches_its_definition_and_only_the_s_branch_has_gradient(teacher)
     assert not any(p.requires_grad for p in m.teacher.net.parameters())
 
 
+def test_start_boundary_reads_the_trajectory_from_x_T_equal_eps(teacher):
+    m = make(teacher, num_intervals=8, delta=1, boundary="start", guidance_scale=2.0)
+    sched, grid = m.teacher.schedule, m.grid
+    eps = torch.randn(m.teacher.latent_shape(2, 16, 16), generator=torch.Generator().manual_seed(4))
+    a_T, s_T = sched.alpha_sigma(grid[-1:])
+    start = m.start_signal(eps)
+    assert torch.allclose(a_T * start + s_T * eps, eps, atol=1e-6)  # its point at T is the pure noise itself
+    embeds = m.teacher.encode_prompt(PROMPTS[:2])
+    out = m.boot_loss(eps, embeds, torch.tensor([8, 8]))  # both rows start at T: teacher-only targets
+    uncond = m.teacher.encode_prompt([""])
+    with torch.no_grad():
+        f = m.teacher.predict(eps, grid[-1].expand(2), embeds, uncond, guidance=2.0)[0]
+        c = m.coefficient(grid[-1].expand(2), grid[-2].expand(2))
+        want = start + c.view(-1, 1, 1, 1) * (f - start)
+        y_s = m.teacher.forward(eps, grid[-2].expand(2), embeds, net=m.student)
+        bc = ((y_s - want).pow(2).mean((1, 2, 3)) / c.clamp(min=0.02) ** 2).mean()
+    assert torch.allclose(out["target"], want, atol=1e-5) and torch.equal(out["s"], grid[-2].expand(2))
+    assert float(out["loss_bc"].detach()) == pytest.approx(float(bc), rel=1e-4)
+    assert float(out["loss_bs"].detach()) == pytest.approx(float(bc), rel=1e-4)  # the same rows, the same residual
+
+
 def test_one_step_costs_two_student_calls_and_one_teacher_call(teacher):
     m = make(teacher, num_intervals=8, guidance_scale=3.0)
     calls = {"student": [], "teacher": []}
@@ -270,6 +291,8 @@ def test_delta_outside_the_grid_is_refused():
             BOOTConfig(num_intervals=8, delta=delta)
     with pytest.raises(ConfigError, match="guidance_scale"):
         BOOTConfig(guidance_scale=0.5)
+    with pytest.raises(ConfigError, match="boundary must be"):
+        BOOTConfig(boundary="end")
 
 
 def test_an_image_data_set_is_refused(teacher, tmp_path):

@@ -18,11 +18,20 @@ One iteration, on prompts only (no image, no VAE encoder)::
     L = L_BS + boundary_weight * L_BC
 
 The two student calls with gradient (at ``s`` and at ``T``) run as one batch, and so do the two teacher
-calls. Sampling is one call: ``y_0 = g(eps, 0, c)``, decoded. With a vp teacher whose ``alpha_T > 0``
-(SD's schedule) the trajectory the student learns starts at ``x_T = alpha_T f(eps, T) + sigma_T eps``,
-within ``alpha_T`` of the pure noise a sampler starts from. Export: the teacher's pipeline with the
-student as its network and a one-step ``DDIMScheduler`` (``prediction_type="sample"``, timestep 0),
-:mod:`fastgen.pipelines.one_step`; stock ``DiffusionPipeline.from_pretrained`` runs it.
+calls. Sampling is one call: ``y_0 = g(eps, 0, c)``, decoded.
+
+**The boundary** (``boundary``). With ``x0`` (the paper's, above) the student's trajectory starts at
+``x_T = alpha_T f(eps, T) + sigma_T eps``: pure noise only where ``alpha_T = 0`` (flow teachers, zero
+terminal SNR). SD's schedule has ``alpha_T = 0.068``, and that start moves the trajectory's end: the
+teacher's own 32-interval signal-space DDIM on the digits world gives digits-FID 90.0 from it, 70.2 from
+``x_T = eps``. With ``start`` the trajectory starts at ``x_T = eps`` exactly, whose signal
+``(1 - sigma_T) / alpha_T eps`` is known: rows with ``t = T`` use it instead of the student, and the
+boundary term reads the student at ``t_{N - delta}`` against the teacher's own first step from ``eps``,
+weighted like a bootstrapping row.
+
+Export: the teacher's pipeline with the student as its network and a one-step ``DDIMScheduler``
+(``prediction_type="sample"``, timestep 0), :mod:`fastgen.pipelines.one_step`; stock
+``DiffusionPipeline.from_pretrained`` runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -62,7 +71,11 @@ class BOOTConfig:
         num_intervals: N, intervals of the lambda-uniform grid between the read-out (t = 0) and the boundary T.
         delta: grid intervals between ``s`` and ``t`` (1 <= delta <= N): one teacher step spans ``delta`` of them.
         min_dlambda: floor of the coefficient in the ``1 / dlambda^2`` weight (it vanishes where the grid is dense).
-        boundary_weight: weight of the boundary term at T (0: none).
+        boundary: ``x0`` (the paper's): ``g(eps, T) = f(eps, T)``, the trajectory starts at ``alpha_T g + sigma_T eps``;
+            ``start``: the trajectory starts at ``x_T = eps`` exactly (the sampler's start; differs from ``x0`` where
+            ``alpha_T > 0``, as in SD's schedule): the student is never read at T, the rows with ``t = T`` and the
+            boundary term target the teacher's own first step from ``eps``.
+        boundary_weight: weight of the boundary term (0: none).
         t_max: the boundary time T (vp: a timestep, default T - 1; flow: a sigma, default 1).
         ema_decay: EMA of the student used for samples and export with ``export.weights: target`` (0: none).
         gradient_checkpointing: trade compute for memory in the student network.
@@ -74,6 +87,7 @@ class BOOTConfig:
     num_intervals: int = 32
     delta: int = 1
     min_dlambda: float = 0.02
+    boundary: Literal["x0", "start"] = "x0"
     boundary_weight: float = 1.0
     t_max: float | None = None
     ema_decay: float = 0.0
@@ -86,6 +100,7 @@ class BOOTConfig:
             (1 <= self.delta <= self.num_intervals, f"boot.delta ({self.delta}) is outside the grid: it counts grid intervals "
                                                     f"between s and t and must be in 1..boot.num_intervals ({self.num_intervals})"),
             (0.0 < self.min_dlambda <= 1.0, f"boot.min_dlambda must be in (0, 1], got {self.min_dlambda}; use e.g. 0.02"),
+            (self.boundary in ("x0", "start"), f"boot.boundary must be 'x0' or 'start', got {self.boundary!r}"),
             (self.boundary_weight >= 0, f"boot.boundary_weight must be >= 0, got {self.boundary_weight}"),
             (0.0 <= self.ema_decay < 1.0, f"boot.ema_decay must be in [0, 1), got {self.ema_decay}"),
         ]
@@ -158,29 +173,46 @@ class BOOT(Method):
         with torch.no_grad():
             return teacher.predict(x_t, t, embeds, uncond, guidance=g)[0].float()
 
+    def coefficient(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The signal-space DDIM coefficient ``1 - exp(lambda_s - lambda_t)`` per sample, float32."""
+        (a_t, s_t), (a_s, s_s) = self.teacher.schedule.alpha_sigma(t), self.teacher.schedule.alpha_sigma(s)
+        return signal_coefficient(a_t.double(), s_t.double(), a_s.double(), s_s.double()).float().to(t.device)
+
+    def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
+        """The signal of the trajectory's start ``x_T = eps``: ``(1 - sigma_T) / alpha_T eps`` (0 where alpha_T = 0,
+        a flow teacher's sigma = 1, where the step from T does not depend on it)."""
+        a, s = (float(v) for v in self.teacher.schedule.alpha_sigma(self.grid[-1]))
+        return eps * ((1.0 - s) / a) if a > 0 else torch.zeros_like(eps)
+
     def boot_loss(self, eps: torch.Tensor, embeds: Any, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """BOOT's loss for explicit randomness: starting noise ``eps`` [B, C, h, w] and grid ``index`` [B] of ``t``."""
-        cfg, sched, device = self.config, self.teacher.schedule, eps.device
-        grid = self.grid.to(device)
+        cfg, device, n = self.config, eps.device, len(self.grid) - 1
+        grid, start, bc = self.grid.to(device), cfg.boundary == "start", cfg.boundary_weight > 0
         t, s, top = grid[index], grid[index - cfg.delta], grid[-1:].expand(len(index))
-        (a_t, s_t), (a_s, s_s) = sched.alpha_sigma(t), sched.alpha_sigma(s)
-        coef = signal_coefficient(a_t.float(), s_t.float(), a_s.float(), s_s.float()).to(device)
-        # 1. the target: the student's signal at t, one guided teacher DDIM step t -> s in signal space (no grad);
-        #    the boundary's target (the teacher at pure noise) rides in the same teacher call
+        s_top = grid[n - cfg.delta].expand(len(index)) if start else top  # where the boundary term reads the student
+        coef = self.coefficient(t, s)
+        a_t, sig_t = (v.to(device).float() for v in self.teacher.schedule.alpha_sigma(t))
+        # 1. the target: the student's signal at t (the exact start x_T = eps at T with boundary "start"), one guided
+        #    teacher DDIM step t -> s in signal space (no grad); the boundary's teacher call at (eps, T) rides along
         with torch.no_grad():
             y_t = self.signal(eps, t, embeds)
-            x_t = point_from_signal(y_t, eps, a_t.to(device).float(), s_t.to(device).float())
-            both = embeds.cat(embeds) if cfg.boundary_weight > 0 else embeds
-            x0 = self.teacher_x0(torch.cat([x_t, eps]) if cfg.boundary_weight > 0 else x_t,
-                                 torch.cat([t, top]) if cfg.boundary_weight > 0 else t, both)
-            f_t, f_top = (x0.chunk(2) if cfg.boundary_weight > 0 else (x0, None))
+            if start:
+                y_t = torch.where((index == n).view(-1, 1, 1, 1), self.start_signal(eps), y_t)
+            x_t = point_from_signal(y_t, eps, a_t, sig_t)
+            both = embeds.cat(embeds) if bc else embeds
+            x0 = self.teacher_x0(torch.cat([x_t, eps]) if bc else x_t, torch.cat([t, top]) if bc else t, both)
+            f_t, f_top = x0.chunk(2) if bc else (x0, None)
             target = signal_ddim_step(y_t, f_t, coef)
-        # 2. the student at s (and at T) with gradient, one batched call
-        out = self.signal(torch.cat([eps, eps]), torch.cat([s, top]), both) if cfg.boundary_weight > 0 else self.signal(eps, s, embeds)
-        y_s, y_top = (out.chunk(2) if cfg.boundary_weight > 0 else (out, None))
-        weight = coef.clamp(min=cfg.min_dlambda).pow(-2)
-        loss_bs = (weight * (y_s - target).pow(2).flatten(1).mean(1)).mean()
-        loss_bc = (y_top - f_top).pow(2).mean() if y_top is not None else torch.zeros((), device=device)
+            if bc and start:  # the teacher's own first step from x_T = eps, weighted like a bootstrapping row
+                c_top = self.coefficient(top, s_top)
+                f_top, w_top = signal_ddim_step(self.start_signal(eps), f_top, c_top), c_top.clamp(min=cfg.min_dlambda).pow(-2)
+            else:  # the paper's: g(eps, T) = f(eps, T)
+                w_top = torch.ones(len(index), device=device)
+        # 2. the student at s (and at the boundary) with gradient, one batched call
+        out = self.signal(torch.cat([eps, eps]), torch.cat([s, s_top]), both) if bc else self.signal(eps, s, embeds)
+        y_s, y_top = out.chunk(2) if bc else (out, None)
+        loss_bs = (coef.clamp(min=cfg.min_dlambda).pow(-2) * (y_s - target).pow(2).flatten(1).mean(1)).mean()
+        loss_bc = (w_top * (y_top - f_top).pow(2).flatten(1).mean(1)).mean() if bc else torch.zeros((), device=device)
         return {"loss": loss_bs + cfg.boundary_weight * loss_bc, "loss_bs": loss_bs, "loss_bc": loss_bc, "t": t, "s": s,
                 "coefficient": coef, "target": target, "y_s": y_s}
 
