@@ -135,6 +135,8 @@ def _sample(args) -> int:
     info = export_info(folder) if folder.is_dir() else {}
     height = args.height if args.height is not None else info.get("resolution")
     width = args.width if args.width is not None else height
+    if args.steps is None:
+        args.steps = int(info.get("num_inference_steps") or 4)
     check_sampling_args(folder, args.steps, height=height, width=width, num_images=args.num_images)  # before loading
     pipe, kind = load_exported(folder)
     guidance = args.guidance if args.guidance is not None else info.get("guidance_scale")
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample an exported folder with stock diffusers")
     s.add_argument("folder")
     s.add_argument("--prompt", action="append", required=True)
-    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the folder's recommendation, else 4)")
     s.add_argument("--guidance", type=float, default=None, help="pipeline guidance_scale (default: the folder's recommendation)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-images", type=int, default=4, help="images per prompt")

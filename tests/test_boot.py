@@ -265,6 +265,13 @@ def test_flow_teacher_trains_and_its_export_is_refused_clearly(flux_teacher):
         m.export_plan()
 
 
+def test_v_prediction_teacher_trains(tmp_path):
+    m = make(make_tiny_sd(tmp_path / "sd-v", prediction_type="v_prediction"), num_intervals=6, boundary="start")
+    assert m.teacher.prediction_type == "v_prediction"
+    out = m.train_step({"caption": PROMPTS[:2]}, 0)
+    assert torch.isfinite(out.losses["student"]) and out.logs["loss/bc"] > 0
+
+
 # --------------------------------------------------------------------------- export scheduler
 
 

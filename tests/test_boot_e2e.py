@@ -126,6 +126,11 @@ def test_export_loads_in_stock_diffusers_and_reproduces_the_student(teacher, pro
     assert images.shape == ours.shape == (2, 3, 16, 16)
     assert float((images - ours).abs().max()) < 1e-5
     assert float(images.std()) > 0.01  # an image, not a constant
+    # `fastgen sample` reads the folder's one step; more steps are refused with the reason
+    r = ok(fastgen("sample", out_dir, "--prompt", PROMPTS[0], "--out", str(tmp_path / "grid.png")))
+    assert "1 steps" in r.stdout and (tmp_path / "grid.png").is_file()
+    bad = fastgen("sample", out_dir, "--prompt", PROMPTS[0], "--steps", "2")
+    assert bad.returncode == 2 and "one-step generator" in bad.stderr
     # the exported weights are the EMA (export.weights: target), not the online student
     online = method.student.state_dict()
     from safetensors.torch import load_file

@@ -138,6 +138,10 @@ def sampling_limits(folder: str | Path) -> SamplingLimits:
     elif sched_class and not sched_class.startswith("FlowMatch"):
         max_steps = train_steps
         steps_why = f"its {sched_class} has num_train_timesteps={train_steps} in {sched_path}"
+    if "readout_timestep" in export_info(folder):
+        max_steps = 1
+        steps_why = (f"it is a one-step generator: its network maps the starting noise to the sample (readout_timestep in "
+                     f"{folder / 'fastgen_export.json'})")
 
     vae = _read_json(pipe_dir / "vae" / "config.json")
     multiple, size_why = None, ""
