@@ -130,7 +130,7 @@ def test_grid_is_lambda_uniform_distinct_and_ends_at_the_boundary():
 
 
 def test_loss_matches_its_definition_and_only_the_s_branch_has_gradient(teacher):
-    m = make(teacher, num_intervals=8, delta=2, boundary_weight=0.5, guidance_scale=2.0)
+    m = make(teacher, num_intervals=8, delta=2, boundary="x0", boundary_weight=0.5, guidance_scale=2.0)
     embeds = m.teacher.encode_prompt(PROMPTS)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(m.teacher.latent_shape(4, 16, 16), generator=g)

@@ -87,7 +87,7 @@ class BOOTConfig:
     num_intervals: int = 32
     delta: int = 1
     min_dlambda: float = 0.02
-    boundary: Literal["x0", "start"] = "x0"
+    boundary: Literal["x0", "start"] = "start"
     boundary_weight: float = 1.0
     t_max: float | None = None
     ema_decay: float = 0.0
