@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -154,9 +155,10 @@ class Method(torch.nn.Module):
         self.sample_config = sample if sample is not None else SampleConfig()
         self.export_config = export if export is not None else ExportConfig()
 
-    def configure_training(self, max_steps: int) -> None:
-        """Told ``train.max_steps`` before training (by the run builder); methods whose options depend on the
-        run's length (a start step, a schedule over training) check and use it here."""
+    def configure_training(self, max_steps: int, run_dir: "os.PathLike[str] | str | None" = None) -> None:
+        """Told ``train.max_steps`` and the run folder before training (by the run builder); methods whose options
+        depend on the run's length (a start step, a schedule over training) check and use it here, and methods
+        that keep files beside their checkpoints (DisBack's path nodes) place them under ``run_dir``."""
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -240,15 +242,20 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-#: Methods that ship with fastgen: the module ``fastgen.trainers.<name with _ for ->`` registers each.
-BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "scott", "boot", "clear")
+#: Methods that ship with fastgen: the module ``fastgen.trainers.<name with _ for ->`` registers each (``dmd``:
+#: ``fastgen.trainers.score_distill``).
+BUILTIN_METHODS: tuple[str, ...] = ("lcd", "rg-lcd", "scott", "boot", "dmd", "disback", "clear")
+
+
+#: Built-in methods whose module is not named after them.
+_METHOD_MODULES: dict[str, str] = {"dmd": "score_distill"}
 
 
 def _import_method_module(name: str) -> None:
     """Import ``fastgen.trainers.<name>`` if such a module exists (it registers the method)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         return
-    module = f"fastgen.trainers.{name.replace('-', '_')}"
+    module = f"fastgen.trainers.{_METHOD_MODULES.get(name, name.replace('-', '_'))}"
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as exc:

@@ -134,7 +134,7 @@ class SCott(ConsistencyMethod):
                                             list(config.disc_lora_target_modules), config.seed, "scott")
             self.disc.to(self.nets.device)
 
-    def configure_training(self, max_steps: int) -> None:
+    def configure_training(self, max_steps: int, run_dir: Any = None) -> None:
         cfg = self.config
         if cfg.adv_weight > 0 and cfg.adv_start_step >= max_steps:
             raise ConfigError(f"scott.adv_start_step ({cfg.adv_start_step}) is not below train.max_steps ({max_steps}): the "

@@ -246,7 +246,7 @@ def build_method(run_config: Any, method_cls: type[Method]) -> Method:
         sample=run_config.sample,
         export=run_config.export,
     )
-    method.configure_training(int(run_config.train.max_steps))
+    method.configure_training(int(run_config.train.max_steps), Path(run_config.output_dir))
     return method
 
 
