@@ -28,11 +28,11 @@ def make(cls, teacher, max_steps: int = 40, **kw):
     return build_method(cls, sections=sections, teacher=str(teacher), **kw)
 
 
-def run(m, steps: int, lr: float = 1e-3) -> None:
-    """Train ``steps`` iterations the way the Trainer does (each loss into its own group, then the hooks)."""
+def run(m, steps: int, start: int = 0, lr: float = 1e-3) -> None:
+    """Train iterations ``start .. steps - 1`` the way the Trainer does (each loss into its own group, then the hooks)."""
     groups = m.parameter_groups()
     opts = {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}
-    for step in range(steps):
+    for step in range(start, steps):
         out = m.train_step({"caption": PROMPTS}, step)
         for name in m.optimizers_to_step(step):
             torch.autograd.backward(out.losses[name], inputs=groups[name])
@@ -112,21 +112,9 @@ def test_path_is_recorded_and_visited_in_reverse_ending_at_the_teacher(teacher, 
 
     node3 = load_file(str(tmp_path / "path" / "node-003.safetensors"))
     assert all(torch.equal(node3[k], v) for k, v in m.fake.state_dict().items())  # the fake starts stage 2 at s'_N
-    run_from(m, 6, 30)
+    run(m, 30, start=6)
     assert m.reloads == [(6, 2), (12, 1), (18, 0)]  # s'_2, s'_1, then the teacher to the end
     assert m.real_score() is None
-
-
-def run_from(m, start: int, stop: int) -> None:
-    groups = m.parameter_groups()
-    opts = {k: torch.optim.Adam(v, lr=1e-3) for k, v in groups.items()}
-    for step in range(start, stop):
-        out = m.train_step({"caption": PROMPTS}, step)
-        for name in m.optimizers_to_step(step):
-            torch.autograd.backward(out.losses[name], inputs=groups[name])
-            opts[name].step()
-            opts[name].zero_grad()
-            m.after_optimizer_step(name, step)
 
 
 def test_node_checks(teacher, tmp_path):

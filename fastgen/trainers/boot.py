@@ -37,23 +37,17 @@ Export: the teacher's pipeline with the student as its network and a one-step ``
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from fastgen.data.sources import build_dataset, source_kind
-from fastgen.diffusion import randn_like_diffusers
 from fastgen.diffusion.signal import point_from_signal, signal_coefficient, signal_ddim_step, signal_grid
 from fastgen.errors import ConfigError, ModelLoadError
-from fastgen.models.spec import load_teacher, lower_precision
-from fastgen.pipelines.cards import one_step_card
-from fastgen.pipelines.one_step import one_step_export_plan
-from fastgen.pipelines.writer import ExportError
+from fastgen.models.spec import lower_precision
 from fastgen.trainers.engine.ema import EMA
-from fastgen.trainers.method import Method, StepOutput, register_method
+from fastgen.trainers.method import StepOutput, register_method
+from fastgen.trainers.one_step import OneStepMethod
 
 __all__ = ["BOOT", "BOOTConfig"]
 
@@ -110,21 +104,16 @@ class BOOTConfig:
 
 
 @register_method
-class BOOT(Method):
+class BOOT(OneStepMethod):
     """BOOT; see the module docstring for the algorithm."""
 
     name = "boot"
     config_class = BOOTConfig
-    default_sample_steps = 1
-    default_data_source = "prompts"
+    label = "BOOT"
 
     def __init__(self, config: BOOTConfig, **shared: Any):
-        super().__init__(config, **shared)
-        cfg = config
-        if self.sample_steps != 1:
-            raise ConfigError(f"BOOT's student is a one-step generator; set sample.steps: 1 (or null), got {self.sample_steps}")
-        self.loaded = loaded = load_teacher(self.teacher_config, self.default_teacher, ("sd", "sdxl", "flux", "sd3", "pixart"), "BOOT")
-        self.teacher = teacher = loaded.teacher
+        super().__init__(config, **shared)  # the teacher (self.loaded, self.teacher)
+        cfg, loaded, teacher = config, self.loaded, self.teacher
         sched = teacher.schedule
         self.register_buffer("grid", signal_grid(sched, cfg.num_intervals, cfg.t_max), persistent=False)
         alpha_top = float(sched.alpha_sigma(self.grid[-1])[0])
@@ -140,10 +129,6 @@ class BOOT(Method):
             self.student.enable_gradient_checkpointing()
         lower_precision(teacher, loaded.low_dtype)
         self.ema = EMA(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self._uncond_cpu = teacher.encode_prompt([""])
-
-    def is_digits_world(self) -> bool:
-        return self.loaded.digits
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -153,14 +138,6 @@ class BOOT(Method):
         if self.ema is not None and name == "student":
             self.ema.update()
 
-    def train_dataset(self) -> torch.utils.data.Dataset:
-        kind = source_kind(self.data_config)
-        if kind != "prompts":
-            raise ConfigError(f"BOOT is data-free: it trains on prompts only, but data.source '{self.data_config.source}' is a "
-                              f"{kind} source (refused, not ignored); set data.source: prompts and data.prompts: <a prompt file> "
-                              "(or leave data.prompts null for the digits-world captions)")
-        return build_dataset(self.data_config, resolution=self.loaded.resolution, accepts=("prompts",))
-
     # ---- the networks --------------------------------------------------------------------------
     def signal(self, eps: torch.Tensor, t: torch.Tensor, embeds: Any, net: torch.nn.Module | None = None) -> torch.Tensor:
         """The student's signal ``g(eps, t, c)``: the network's output, in float32."""
@@ -169,7 +146,7 @@ class BOOT(Method):
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, embeds: Any) -> torch.Tensor:
         """The teacher's x0-estimate with the run's guidance (one batched call for cond and uncond)."""
         g, teacher = float(self.config.guidance_scale), self.teacher
-        uncond = None if (teacher.guidance_embeds or g == 1.0) else self._uncond_cpu.to(x_t.device)
+        uncond = None if (teacher.guidance_embeds or g == 1.0) else self.uncond(x_t.device)
         with torch.no_grad():
             return teacher.predict(x_t, t, embeds, uncond, guidance=g)[0].float()
 
@@ -248,7 +225,7 @@ class BOOT(Method):
             self.ema.load_state_dict(ema)
 
     # ---- use ---------------------------------------------------------------------------------
-    def sampling_net(self) -> torch.nn.Module:
+    def sampling_network(self) -> torch.nn.Module:
         """The student's weights for samples and export: the EMA with ``export.weights: target`` when kept."""
         if self.ema is None or self.export_config.weights == "online":
             return self.student
@@ -256,40 +233,11 @@ class BOOT(Method):
         self.ema.copy_to(net)
         return net
 
-    @torch.no_grad()
-    def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float | None = None) -> torch.Tensor:
-        """Images in [0, 1]: ``y_0 = g(eps, t_0, c)`` decoded, ``eps`` drawn as the exported pipeline draws it."""
-        if int(num_steps) != 1:
-            raise ConfigError(f"BOOT samples in exactly one step (its student maps the starting noise to the sample), got {num_steps}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        teacher, res = self.teacher, self.loaded.resolution
-        embeds = teacher.encode_prompt(prompts)
-        eps = randn_like_diffusers(teacher.latent_shape(len(embeds), res, res), generator=generator, device=teacher.device,
-                                   dtype=embeds.dtype).float()
-        net = self.sampling_net()
-        was_training = net.training
-        net.eval()
-        try:
-            y0 = self.signal(eps, self.grid[:1].to(eps.device).expand(len(embeds)), embeds, net)
-        finally:
-            net.train(was_training)
-        with torch.autocast(device_type=teacher.device.type, enabled=False):
-            images = teacher.decode(y0)
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    def one_step(self, z: torch.Tensor, embeds: Any, net: torch.nn.Module) -> torch.Tensor:
+        """``y_0 = g(eps, t_0, c)``: the signal at the read-out time is the sample."""
+        return self.signal(z, self.grid[:1].to(z.device).expand(len(embeds)), embeds, net)
 
-    def export_plan(self):
-        teacher = self.teacher
-        if teacher.kind != "unet":
-            raise ExportError(f"BOOT exports a UNet student into a stock pipeline with a one-step DDIMScheduler; teacher "
-                              f"'{self.loaded.name}' is a {teacher.pipeline_class}, whose stock flow scheduler cannot return the "
-                              "student's signal in one step: not supported yet; distil a UNet (SD-family) teacher to export")
-        net = copy.deepcopy(self.sampling_net()).requires_grad_(False).eval()
+    def export_readout(self) -> tuple[int, str, dict[str, Any]]:
         ema = self.ema is not None and self.export_config.weights != "online"
-        info = {"method": self.name, "method_title": "BOOT", "teacher": self.loaded.name,
-                "teacher_path": os.fspath(Path(self.loaded.path).resolve()), "teacher_pipeline_class": teacher.pipeline_class,
-                "prediction_type": teacher.prediction_type, "resolution": self.loaded.resolution, "component": "unet",
-                "weights_label": f"EMA (decay {self.config.ema_decay})" if ema else "online student",
-                "teacher_guidance_scale": float(self.config.guidance_scale), "grid": [float(t) for t in self.grid],
-                "config": asdict(self.config)}
-        return one_step_export_plan(teacher.pipeline(), "unet", net, int(self.grid[0]), "sample", info, one_step_card,
-                                    dtype=teacher.dtype)
+        return int(self.grid[0]), "sample", {"weights_label": f"EMA (decay {self.config.ema_decay})" if ema else "online student",
+                                             "grid": [float(t) for t in self.grid]}

@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from fastgen.data.sources import build_dataset, source_kind
-from fastgen.diffusion import from_x0_eps, randn_like_diffusers
+from fastgen.diffusion import from_x0_eps
 from fastgen.errors import ConfigError, ModelLoadError
 from fastgen.models.lora import LoRA
-from fastgen.models.spec import load_teacher, lower_precision
-from fastgen.pipelines.cards import one_step_card
-from fastgen.pipelines.one_step import one_step_export_plan
-from fastgen.pipelines.writer import ExportError
-from fastgen.trainers.method import Method, StepOutput, register_method
+from fastgen.models.spec import lower_precision
+from fastgen.trainers.method import StepOutput, register_method
+from fastgen.trainers.one_step import OneStepMethod
 
 __all__ = ["DMD", "DMDConfig"]
 
@@ -89,23 +84,16 @@ class DMDConfig:
 
 
 @register_method
-class DMD(Method):
+class DMD(OneStepMethod):
     """Score distillation with a fixed teacher target; see the module docstring for the algorithm."""
 
     name = "dmd"
     config_class = DMDConfig
-    default_sample_steps = 1
-    default_data_source = "prompts"
-    label: ClassVar[str] = "DMD"
+    label = "DMD"
 
     def __init__(self, config: DMDConfig, **shared: Any):
-        super().__init__(config, **shared)
-        cfg = config
-        if self.sample_steps != 1:
-            raise ConfigError(f"{self.label}'s generator is one-step; set sample.steps: 1 (or null), got {self.sample_steps}")
-        self.loaded = loaded = load_teacher(self.teacher_config, self.default_teacher, ("sd", "sdxl", "flux", "sd3", "pixart"),
-                                            self.label)
-        self.teacher = teacher = loaded.teacher
+        super().__init__(config, **shared)  # the teacher (self.loaded, self.teacher)
+        cfg, loaded, teacher = config, self.loaded, self.teacher
         sched = teacher.schedule
         self.gen_t = float(1.0) if sched.kind == "flow" else int(sched.num_train_timesteps) - 1
         if teacher.prediction_type == "epsilon" and float(sched.alpha_sigma(torch.tensor(self.gen_t))[0]) < 1e-4:
@@ -120,10 +108,6 @@ class DMD(Method):
         else:
             self.fake = copy.deepcopy(teacher.net).requires_grad_(True).train()
         lower_precision(teacher, loaded.low_dtype, keep=LoRA.is_adapter)
-        self._uncond_cpu = teacher.encode_prompt([""])
-
-    def is_digits_world(self) -> bool:
-        return self.loaded.digits
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -135,13 +119,6 @@ class DMD(Method):
 
     def optimizers_to_step(self, step: int) -> list[str]:
         return [GEN, FAKE] if self.generator_steps_at(step) else [FAKE]
-
-    def train_dataset(self) -> torch.utils.data.Dataset:
-        kind = source_kind(self.data_config)
-        if kind != "prompts":
-            raise ConfigError(f"{self.label} trains on its generator's own samples and prompts only, but data.source "
-                              f"'{self.data_config.source}' is a {kind} source (refused); set data.source: prompts")
-        return build_dataset(self.data_config, resolution=self.loaded.resolution, accepts=("prompts",))
 
     # ---- the networks --------------------------------------------------------------------------
     def teacher_disabled(self):
@@ -156,7 +133,7 @@ class DMD(Method):
 
     def score_x0(self, net: torch.nn.Module | None, x_t: torch.Tensor, t: torch.Tensor, embeds: Any, guidance: float) -> torch.Tensor:
         """x0-estimate of a score network (``None``: the teacher), guided against the empty prompt when ``guidance > 1``."""
-        uncond = self._uncond_cpu.to(x_t.device) if guidance != 1.0 else None
+        uncond = self.uncond(x_t.device) if guidance != 1.0 else None
         if net is None:
             with self.teacher_disabled():
                 return self.teacher.predict(x_t, t, embeds, uncond, guidance=guidance)[0].float()
@@ -198,8 +175,7 @@ class DMD(Method):
         return F.mse_loss(self.teacher.forward(sched.add_noise(x, eps, t), t, embeds, net=self.fake).float(), target)
 
     def train_step(self, batch: dict[str, Any], step: int) -> StepOutput:
-        with self.teacher_disabled():
-            embeds = self.teacher.encode_prompt(list(batch["caption"]))
+        embeds = self.teacher.encode_prompt(list(batch["caption"]))
         b, res = len(embeds), self.loaded.resolution
         z = torch.randn(self.teacher.latent_shape(b, res, res), device=self.teacher.device)
         steps_gen = GEN in self.optimizers_to_step(step)
@@ -239,39 +215,11 @@ class DMD(Method):
                                  f"fake_lora_rank {self.config.fake_lora_rank}): {str(exc)[:300]}; use the run's settings") from exc
 
     # ---- use ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float | None = None) -> torch.Tensor:
-        """Images in [0, 1] from one generator call, the noise drawn as the exported pipeline draws it."""
-        if int(num_steps) != 1:
-            raise ConfigError(f"{self.label}'s generator samples in exactly one step, got {num_steps}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        teacher, res = self.teacher, self.loaded.resolution
-        with self.teacher_disabled():
-            embeds = teacher.encode_prompt(prompts)
-        z = randn_like_diffusers(teacher.latent_shape(len(embeds), res, res), generator=generator, device=teacher.device,
-                                 dtype=embeds.dtype).float()
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            x = self.generate(z, embeds)
-        finally:
-            self.generator.train(was_training)
-        with torch.autocast(device_type=teacher.device.type, enabled=False), self.teacher_disabled():
-            images = teacher.decode(x)
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    def sampling_network(self) -> torch.nn.Module:
+        return self.generator
 
-    def export_plan(self):
-        teacher = self.teacher
-        if teacher.kind != "unet":
-            raise ExportError(f"{self.label} exports a UNet generator with a one-step DDIMScheduler; teacher '{self.loaded.name}' "
-                              f"is a {teacher.pipeline_class}: not supported yet; distil a UNet (SD-family) teacher to export")
-        net = copy.deepcopy(self.generator).requires_grad_(False).eval()
-        info = {"method": self.name, "method_title": self.label, "teacher": self.loaded.name,
-                "teacher_path": os.fspath(Path(self.loaded.path).resolve()), "teacher_pipeline_class": teacher.pipeline_class,
-                "prediction_type": teacher.prediction_type, "resolution": self.loaded.resolution, "component": "unet",
-                "weights_label": "generator", "teacher_guidance_scale": float(self.config.guidance_scale),
-                "config": asdict(self.config)}
-        with self.teacher_disabled():
-            pipe = teacher.pipeline()
-        return one_step_export_plan(pipe, "unet", net, int(self.gen_t), teacher.prediction_type, info, one_step_card,
-                                    dtype=teacher.dtype)
+    def one_step(self, z: torch.Tensor, embeds: Any, net: torch.nn.Module) -> torch.Tensor:
+        return self.generate(z, embeds, net)
+
+    def export_readout(self) -> tuple[int, str, dict[str, Any]]:
+        return int(self.gen_t), self.teacher.prediction_type, {"weights_label": "generator"}
