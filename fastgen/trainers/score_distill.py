@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ class DMDConfig:
         t_min, t_max: fractions of the schedule the generator loss perturbs to (0.02 / 0.98, DMD2).
         fake_updates_per_generator_update: the fake score steps every iteration, the generator every k-th.
         normalize: DMD's per-sample normalisation of the gradient by ``mean |x - x_real|``.
+        generator_output: how the generator's output is read at the last timestep: ``teacher`` (as the teacher's
+            prediction type, DMD's; an epsilon output is divided by ``alpha_T``, 0.068 for SD) or ``sample`` (the
+            output is the clean latent itself).
         fake_lora_rank: 0 = the fake score is a full copy of the teacher; > 0 = LoRA adapters of this rank on the
             teacher's own network (adapters off = the teacher; saves one network's memory).
         fake_lora_target_modules: the adapted modules.
@@ -64,6 +67,7 @@ class DMDConfig:
     t_max: float = 0.98
     fake_updates_per_generator_update: int = 5
     normalize: bool = True
+    generator_output: Literal["teacher", "sample"] = "teacher"
     fake_lora_rank: int = 0
     fake_lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     seed: int = 0
@@ -76,6 +80,8 @@ class DMDConfig:
                                                      f"{self.t_min} / {self.t_max}"),
             (self.fake_updates_per_generator_update >= 1, f"{s}.fake_updates_per_generator_update must be >= 1, got "
                                                           f"{self.fake_updates_per_generator_update}"),
+            (self.generator_output in ("teacher", "sample"), f"{s}.generator_output must be 'teacher' or 'sample', got "
+                                                             f"{self.generator_output!r}"),
             (self.fake_lora_rank >= 0, f"{s}.fake_lora_rank must be >= 0 (0 = a full copy), got {self.fake_lora_rank}"),
         ]
         for ok, message in checks:
@@ -128,8 +134,8 @@ class DMD(OneStepMethod):
     def generate(self, z: torch.Tensor, embeds: Any, net: torch.nn.Module | None = None) -> torch.Tensor:
         """``x = G(z, c)``: the generator's output at the last timestep read as an x0-estimate, float32."""
         t = torch.full((len(z),), self.gen_t, device=z.device, dtype=torch.float64 if isinstance(self.gen_t, float) else torch.long)
-        out = self.teacher.forward(z, t, embeds, net=self.generator if net is None else net)
-        return self.teacher.output_to_x0_eps(out.float(), z.float(), t)[0]
+        out = self.teacher.forward(z, t, embeds, net=self.generator if net is None else net).float()
+        return out if self.config.generator_output == "sample" else self.teacher.output_to_x0_eps(out, z.float(), t)[0]
 
     def score_x0(self, net: torch.nn.Module | None, x_t: torch.Tensor, t: torch.Tensor, embeds: Any, guidance: float) -> torch.Tensor:
         """x0-estimate of a score network (``None``: the teacher), guided against the empty prompt when ``guidance > 1``."""
@@ -222,4 +228,5 @@ class DMD(OneStepMethod):
         return self.generate(z, embeds, net)
 
     def export_readout(self) -> tuple[int, str, dict[str, Any]]:
-        return int(self.gen_t), self.teacher.prediction_type, {"weights_label": "generator"}
+        read = "sample" if self.config.generator_output == "sample" else self.teacher.prediction_type
+        return int(self.gen_t), read, {"weights_label": "generator"}
