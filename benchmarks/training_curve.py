@@ -4,6 +4,12 @@ Usage::
 
     python benchmarks/training_curve.py RUN_DIR --name boot_curve [--out benchmarks/results]
         [--reference benchmarks/results/digits_quality.json --reference-row teacher@50] [--no-initial]
+    python benchmarks/training_curve.py dmd=runs/dmd-digits disback=runs/disback-digits --name disback_convergence \
+        --x generator-updates
+
+Several runs (``LABEL=RUN_DIR``) share one plot. ``--x generator-updates`` puts them on the number of
+generator updates made before each evaluation (score distillation: the fake score steps every iteration,
+the generator every ``fake_updates_per_generator_update``-th one, after DisBack's ``degradation_steps``).
 
 Reads ``RUN_DIR/metrics.jsonl`` (the trainer's evaluations every ``train.eval_every`` steps: 1000 samples,
 the canonical balanced digits prompts, the benchmark's per-chunk seeds, so the same protocol as ``make bench``)
@@ -60,19 +66,27 @@ def reference_row(path: Path, label: str) -> dict | None:
     return None
 
 
-def plot(rows: list[dict], reference: dict | None, path: Path, title: str) -> None:
+def generator_updates(config: dict, step: int) -> int:
+    """Generator updates in iterations ``0 .. step - 1`` of a score-distillation run (``config``: its method section)."""
+    ratio = int(config["fake_updates_per_generator_update"])
+    start = int(config.get("degradation_steps", 0)) if int(config.get("path_nodes", 0) or 0) > 0 else 0
+    return max(0, -(-(step - start) // ratio))
+
+
+def plot(runs: list[dict], reference: dict | None, path: Path, title: str, xlabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["digits_fid"] for r in rows], "o-", label="student, 1 step")
+    for run in runs:
+        ax.plot([r["x"] for r in run["rows"]], [r["digits_fid"] for r in run["rows"]], "o-", label=f"{run['label']}, 1 step")
     if reference:
         ax.axhline(reference["digits_fid"], color="gray", linestyle="--", label=f"{reference['label']}")
         ax.axhline(2 * reference["digits_fid"], color="gray", linestyle=":", label=f"2 x {reference['label']}")
     ax.set_yscale("log")
-    ax.set_xlabel("training iteration")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("digits-FID (1000 samples, lower is better)")
     ax.set_title(title)
     ax.legend()
@@ -84,40 +98,64 @@ def plot(rows: list[dict], reference: dict | None, path: Path, title: str) -> No
     tmp.replace(path)
 
 
+def read_run(spec: str, x: str, initial: bool) -> dict:
+    import yaml
+
+    label, sep, folder = spec.partition("=")
+    run_dir = Path(folder if sep else spec)
+    rows = read_evaluations(run_dir)
+    if initial and rows[0]["step"] != 0:
+        rows.insert(0, initial_row(run_dir))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    method = config["method"]
+    section = config.get(method.replace("-", "_")) or {}
+    if x == "generator-updates" and "fake_updates_per_generator_update" not in section:
+        raise SystemExit(f"error: {run_dir} is a {method} run without generator updates; use --x iteration")
+    for r in rows:
+        r["x"] = generator_updates(section, r["step"]) if x == "generator-updates" else r["step"]
+    return {"label": label if sep else method, "run": str(run_dir), "method": method, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("runs", nargs="+", help="RUN_DIR or LABEL=RUN_DIR")
     p.add_argument("--name", required=True)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--reference", type=Path, default=Path("benchmarks/results/digits_quality.json"))
     p.add_argument("--reference-row", default="teacher@50")
     p.add_argument("--no-initial", action="store_true")
+    p.add_argument("--x", choices=("iteration", "generator-updates"), default="iteration")
     args = p.parse_args(argv)
 
     from fastgen.io import atomic_write_json, atomic_write_text
 
-    rows = read_evaluations(args.run_dir)
-    if not args.no_initial and rows[0]["step"] != 0:
-        rows.insert(0, initial_row(args.run_dir))
+    runs = [read_run(spec, args.x, not args.no_initial) for spec in args.runs]
     reference = reference_row(args.reference, args.reference_row)
-    config = (args.run_dir / "config.yaml").read_text(encoding="utf-8")
-    method = config.splitlines()[0].split(":", 1)[1].strip()
-    result = {"name": args.name, "run": str(args.run_dir), "method": method,
+    xlabel = "training iteration" if args.x == "iteration" else "generator updates"
+    result = {"name": args.name, "x": args.x, "runs": runs, "reference": reference,
               "protocol": "digits world: 1000 samples over the canonical balanced prompts, seed 0 per chunk of 250 "
-                          "(the digits_quality suite's protocol), scored by the shipped digits classifier",
-              "rows": rows, "reference": reference}
+                          "(the digits_quality suite's protocol), scored by the shipped digits classifier"}
+    if len(runs) == 1:
+        result.update(run=runs[0]["run"], method=runs[0]["method"], rows=runs[0]["rows"])
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", result)
-    lines = [f"# {args.name}: {method} digits-FID vs training iteration", "", f"Run: `{args.run_dir}`. {result['protocol']}.", "",
-             "| step | digits-FID | digit accuracy | colour accuracy |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['step']} | {r['digits_fid']:.2f} | {r['digit_accuracy']:.3f} | {r['colour_accuracy']:.3f} |" for r in rows]
+    methods = ", ".join(r["label"] for r in runs)
+    lines = [f"# {args.name}: digits-FID vs {xlabel} ({methods})", "", f"{result['protocol']}.", ""]
+    for run in runs:
+        lines += [f"## {run['label']} (`{run['run']}`)", "", f"| step | {xlabel} | digits-FID | digit accuracy | colour accuracy |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['x']} | {r['digits_fid']:.2f} | {r['digit_accuracy']:.3f} | {r['colour_accuracy']:.3f} |"
+                  for r in run["rows"]]
+        lines.append("")
     if reference:
-        lines += ["", f"Reference: {reference['label']} digits-FID {reference['digits_fid']:.2f} (2x = "
-                      f"{2 * reference['digits_fid']:.2f}), from `{reference['source']}`."]
+        lines += [f"Reference: {reference['label']} digits-FID {reference['digits_fid']:.2f} (2x = "
+                  f"{2 * reference['digits_fid']:.2f}), from `{reference['source']}`."]
     atomic_write_text(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
-    plot(rows, reference, args.out / f"{args.name}.png", f"{method}: digits-FID vs iteration")
-    for r in rows:
-        print(f"step {r['step']:>6}: digits-FID {r['digits_fid']:.2f}  digit acc {r['digit_accuracy']:.3f}")
+    plot(runs, reference, args.out / f"{args.name}.png", f"{methods}: digits-FID vs {xlabel}", xlabel)
+    for run in runs:
+        for r in run["rows"]:
+            print(f"{run['label']} step {r['step']:>6} ({xlabel} {r['x']}): digits-FID {r['digits_fid']:.2f}  "
+                  f"digit acc {r['digit_accuracy']:.3f}")
     return 0
 
 

@@ -26,7 +26,18 @@ def test_curve_from_metrics_with_reference(tmp_path):
     data = json.loads((out / "c.json").read_text())
     assert [row["step"] for row in data["rows"]] == [100, 200] and data["rows"][1]["digits_fid"] == 90.0
     assert data["reference"]["digits_fid"] == 60.0 and data["method"] == "boot"
-    assert "| 200 | 90.00 |" in (out / "c.md").read_text() and (out / "c.png").stat().st_size > 1000
+    assert "| 200 | 200 | 90.00 |" in (out / "c.md").read_text() and (out / "c.png").stat().st_size > 1000
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_curve.py"), str(tmp_path), "--name", "c"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "metrics.jsonl" in missing.stderr
+
+
+def test_generator_updates_of_score_distillation_runs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from training_curve import generator_updates
+
+    dmd = {"fake_updates_per_generator_update": 5}
+    disback = {"fake_updates_per_generator_update": 5, "path_nodes": 4, "degradation_steps": 200}
+    assert [generator_updates(dmd, s) for s in (0, 1, 5, 6, 100)] == [0, 1, 1, 2, 20]
+    assert [generator_updates(disback, s) for s in (100, 200, 201, 300)] == [0, 0, 1, 20]
+    assert generator_updates({**disback, "path_nodes": 0}, 100) == 20
