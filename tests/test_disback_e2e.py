@@ -1,0 +1,96 @@
+"""DMD and DisBack end to end on the tiny random SD teacher of tests/tiny_models.py:
+
+* ``fastgen train disback`` -> ``fastgen export`` -> stock ``DiffusionPipeline.from_pretrained`` in a fresh process
+  that never imports fastgen, one step, reproducing the generator's in-process images;
+* a real SIGKILL in stage 2 and ``--resume latest``: the path position and the loaded node follow from the
+  iteration, so the resumed run equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgen.trainers.engine import checkpoint as ckpt
+from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, train_and_kill
+from tiny_models import make_tiny_sd
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "fastgen" / "recipes" / "disback-digits.yaml")
+PROMPTS = ["a red handwritten digit seven", "a blue handwritten digit three"]
+# stage 1: iterations 0-3 (nodes at 2 and 4); stage 2 from 4: node 1 for updates 0-1, then the teacher
+SMALL = ["disback.path_nodes=2", "disback.degradation_steps=4", "disback.interval=2", "disback.fake_updates_per_generator_update=1",
+         "data.num_samples=8"]
+
+FRESH = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline
+out_dir, prompts = sys.argv[1], json.loads(sys.argv[2])
+pipe = DiffusionPipeline.from_pretrained(out_dir)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+              height=16, width=16, output_type="pt").images
+torch.save(images, out_dir + "/../images.pt")
+print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "timesteps": pipe.scheduler.timesteps.tolist(),
+                  "fastgen_imported": any(m == "fastgen" or m.startswith("fastgen.") for m in sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("disback-e2e") / "tiny-sd", prediction_type="epsilon")
+
+
+def train_args(teacher: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "disback", "--config", RECIPE, f"teacher.path={teacher}", f"output_dir={run_dir}", *FAST, *SMALL, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_export_loads_in_stock_diffusers_and_reproduces_the_generator(teacher, tmp_path):
+    run_dir, out_dir = tmp_path / "run", tmp_path / "export"
+    ok(fastgen(*train_args(teacher, run_dir, "train.max_steps=8")))
+    assert sorted(p.name for p in (run_dir / "disback-path").iterdir()) == ["node-001.safetensors", "node-002.safetensors"]
+    ok(fastgen("export", run_dir, out_dir))
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(out_dir), json.dumps(PROMPTS)], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"scheduler": "DDIMScheduler", "timesteps": [999],
+                                                                "fastgen_imported": False}
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
+
+    from fastgen.trainers.engine.run import load_method_from_run
+
+    method, _ = load_method_from_run(run_dir)
+    ours = method.sample(PROMPTS, 1, torch.Generator().manual_seed(0))
+    assert images.shape == ours.shape == (2, 3, 16, 16)
+    assert float((images - ours).abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_resume_after_sigkill_in_stage_two_matches_uninterrupted_run(teacher, tmp_path):
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=0"]
+    killed = tmp_path / "killed"
+    killed_at = train_and_kill(train_args(teacher, killed, "train.max_steps=2000", *common), killed, at_least=5, timeout=180)
+    assert killed_at >= 5  # in stage 2, with node 1 in the real-score slot
+    at_kill = ckpt.load_model_state(killed / "checkpoints" / ckpt.checkpoint_name(killed_at))
+    final = killed_at + 3
+    full = tmp_path / "full"
+    p_full = subprocess.Popen(fastgen_cmd(*train_args(teacher, full, f"train.max_steps={final}", *common)), cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = fastgen(*train_args(teacher, killed, f"train.max_steps={final}", *common), "--resume", "latest", timeout=300)
+    out, _ = p_full.communicate(timeout=300)
+    ok(r)
+    assert p_full.returncode == 0, out.decode(errors="replace")[-3000:]
+    a, b = final_state(full), final_state(killed)
+    assert {k.split(".")[0] for k in a} == {"generator", "fake"}
+    assert max_diff(a, b) <= 1e-6
+    assert max_diff(a, at_kill) > 1e-6
