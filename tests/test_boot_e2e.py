@@ -9,36 +9,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastgen.trainers.engine import checkpoint as ckpt
-from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, train_and_kill
+from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, stock_sample, train_and_kill
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "fastgen" / "recipes" / "boot-digits.yaml")
 PROMPTS = ["a red handwritten digit seven", "a blue handwritten digit three"]
-
-FRESH = r"""
-import json, sys, torch
-from diffusers import DiffusionPipeline
-out_dir, prompts = sys.argv[1], json.loads(sys.argv[2])
-pipe = DiffusionPipeline.from_pretrained(out_dir)
-pipe.set_progress_bar_config(disable=True)
-images = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-              height=16, width=16, output_type="pt").images
-torch.save(images, out_dir + "/../images.pt")
-print(json.dumps({"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-                  "timesteps": pipe.scheduler.timesteps.tolist(),
-                  "fastgen_imported": any(m == "fastgen" or m.startswith("fastgen.") for m in sys.modules)}))
-"""
-
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
@@ -111,13 +94,8 @@ def test_export_loads_in_stock_diffusers_and_reproduces_the_student(teacher, pro
     run_dir, out_dir = tmp_path / "run", tmp_path / "export"
     ok(fastgen(*train_args(teacher, prompt_file, run_dir, "train.max_steps=3", "boot.ema_decay=0.5")))
     ok(fastgen("export", run_dir, out_dir))
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(out_dir), json.dumps(PROMPTS)], capture_output=True, text=True,
-                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got, images = stock_sample(out_dir, PROMPTS, 1, 1.0, tmp_path)
     assert got == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "timesteps": [0], "fastgen_imported": False}
-    images = torch.load(tmp_path / "images.pt", weights_only=True)
 
     from fastgen.trainers.engine.run import load_method_from_run
 

@@ -47,6 +47,32 @@ FAST = [
 TINY_PX = 16  # the tiny SD teacher's default resolution (8x8 latents, VAE factor 2)
 
 
+STOCK_SAMPLE = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline
+out_dir, images_path, prompts, steps, guidance, size = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+pipe = DiffusionPipeline.from_pretrained(out_dir)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+              height=size, width=size, output_type="pt").images
+torch.save(images, images_path)
+print(json.dumps({"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                  "timesteps": pipe.scheduler.timesteps.tolist(),
+                  "fastgen_imported": any(m == "fastgen" or m.startswith("fastgen.") for m in sys.modules)}))
+"""
+
+
+def stock_sample(out_dir: Path, prompts: list[str], steps: int, guidance: float, work: Path, size: int = TINY_PX) -> tuple[dict, torch.Tensor]:
+    """Sample an export with stock ``DiffusionPipeline.from_pretrained`` in a fresh process that never imports fastgen
+    (seed 0); returns what it reports (pipeline and scheduler class, timesteps, whether fastgen got imported) and the images."""
+    images_path = work / "stock-images.pt"
+    proc = subprocess.run([sys.executable, "-c", STOCK_SAMPLE, str(out_dir), str(images_path), json.dumps(prompts), str(steps),
+                           str(guidance), str(size)], capture_output=True, text=True, cwd=str(work),
+                          env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(images_path, weights_only=True)
+
+
 def grid_size(prompts: int, per_prompt: int, px: int = TINY_PX) -> tuple[int, int]:
     """PIL (width, height) of `fastgen sample`'s grid: rows = prompts, 2 px padding, upscaled to >= 128 px."""
     up = max(1, 128 // px)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastgen.trainers.engine import checkpoint as ckpt
-from test_lcd_e2e import FAST, _free_port, env, fastgen, fastgen_cmd, final_state, max_diff, ok, subset, train_and_kill
+from test_lcd_e2e import FAST, _free_port, env, fastgen, fastgen_cmd, final_state, max_diff, ok, stock_sample, subset, train_and_kill
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,20 +29,6 @@ PROMPTS = ["a red handwritten digit seven", "a blue handwritten digit three"]
 # a small discriminator with its own LoRA, R1 and an SDE teacher: every stateful part of SCott is exercised
 SMALL = ["scott.adv_start_step=1", "scott.disc_head_channels=8", "scott.disc_lora_rank=2", "scott.r1_weight=0.5",
          "scott.eta=0.5", "scott.num_substeps=2", "scott.caption_dropout=0.2"]
-
-FRESH = r"""
-import json, sys, torch
-from diffusers import DiffusionPipeline
-out_dir, prompts = sys.argv[1], json.loads(sys.argv[2])
-pipe = DiffusionPipeline.from_pretrained(out_dir)
-pipe.set_progress_bar_config(disable=True)
-images = pipe(prompts, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-              height=16, width=16, output_type="pt").images
-torch.save(images, out_dir + "/../images.pt")
-print(json.dumps({"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-                  "fastgen_imported": any(m == "fastgen" or m.startswith("fastgen.") for m in sys.modules)}))
-"""
-
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
@@ -66,13 +51,9 @@ def test_train_export_and_load_in_stock_diffusers_in_a_fresh_process(teacher, tm
     assert info["method"] == "scott" and info["num_substeps"] == 2 and info["unet_weights"] == "ema_target"
     assert not any("disc" in p.name for p in out_dir.rglob("*"))  # the discriminator is training-only
 
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(out_dir), json.dumps(PROMPTS)], capture_output=True, text=True,
-                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"class": "StableDiffusionPipeline", "scheduler": "LCMScheduler", "fastgen_imported": False}
-    images = torch.load(tmp_path / "images.pt", weights_only=True)
+    got, images = stock_sample(out_dir, PROMPTS, 2, 3.0, tmp_path)
+    assert {k: got[k] for k in ("class", "scheduler", "fastgen_imported")} == {
+        "class": "StableDiffusionPipeline", "scheduler": "LCMScheduler", "fastgen_imported": False}
 
     from fastgen.trainers.engine.run import load_method_from_run
 
