@@ -173,8 +173,9 @@ class BOOT(OneStepMethod):
         #    teacher DDIM step t -> s in signal space (no grad); the boundary's teacher call at (eps, T) rides along
         with torch.no_grad():
             y_t = self.signal(eps, t, embeds)
+            y_start = self.start_signal(eps) if start else None
             if start:
-                y_t = torch.where((index == n).view(-1, 1, 1, 1), self.start_signal(eps), y_t)
+                y_t = torch.where((index == n).view(-1, 1, 1, 1), y_start, y_t)
             x_t = point_from_signal(y_t, eps, a_t, sig_t)
             both = embeds.cat(embeds) if bc else embeds
             x0 = self.teacher_x0(torch.cat([x_t, eps]) if bc else x_t, torch.cat([t, top]) if bc else t, both)
@@ -182,7 +183,7 @@ class BOOT(OneStepMethod):
             target = signal_ddim_step(y_t, f_t, coef)
             if bc and start:  # the teacher's own first step from x_T = eps, weighted like a bootstrapping row
                 c_top = self.coefficient(top, s_top)
-                f_top, w_top = signal_ddim_step(self.start_signal(eps), f_top, c_top), c_top.clamp(min=cfg.min_dlambda).pow(-2)
+                f_top, w_top = signal_ddim_step(y_start, f_top, c_top), c_top.clamp(min=cfg.min_dlambda).pow(-2)
             else:  # the paper's: g(eps, T) = f(eps, T)
                 w_top = torch.ones(len(index), device=device)
         # 2. the student at s (and at the boundary) with gradient, one batched call
