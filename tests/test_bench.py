@@ -40,7 +40,7 @@ def test_suite_yaml_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="unique"):
         suite_from_dict({"name": "x", "pipelines": [{"label": "a", "folder": "f"}, {"label": "a", "folder": "g"}]})
     with pytest.raises(ConfigError, match="not a valid list index"):
-        load_suite("benchmarks/suites/digits.yaml", ["pipelines.9.steps=[2]"])
+        load_suite("benchmarks/suites/digits.yaml", ["pipelines.99.steps=[2]"])
     with pytest.raises(ConfigError, match=r"pipelines.1.stepz.*did you mean 'steps'"):
         load_suite("benchmarks/suites/digits.yaml", ["pipelines.1.stepz=[2]"])
     with pytest.raises(ConfigError, match=r"speed.repeats' .*expects int"):

@@ -147,3 +147,29 @@ def test_bad_schedules_are_refused(teacher):
         make(DisBack, teacher, max_steps=4, path_nodes=2, degradation_steps=4, interval=1)
     with pytest.raises(ConfigError, match="refused"):
         build_method(DMD, sections={"data": {"source": "digits"}}, teacher=str(teacher)).train_dataset()
+
+
+def test_generator_ema_follows_generator_steps_only_and_samples_and_round_trips(teacher):
+    m = make(DMD, teacher, fake_updates_per_generator_update=2, ema_decay=0.5)
+    shadow0 = {k: v.clone() for k, v in m.ema.shadow.items()}
+    run(m, 2)  # iteration 0 steps the generator (EMA moves), iteration 1 only the fake score
+    moved = {k for k in shadow0 if not torch.equal(shadow0[k], m.ema.shadow[k])}
+    assert moved, "the EMA did not follow the generator step"
+    after_gen = {k: v.clone() for k, v in m.ema.shadow.items()}
+    m.after_optimizer_step("fake_score", 1)
+    assert all(torch.equal(after_gen[k], m.ema.shadow[k]) for k in after_gen)
+    # samples and export use the EMA, not the online generator
+    net = m.sampling_network()
+    name = next(iter(moved))
+    assert torch.equal(dict(net.named_parameters())[name], m.ema.shadow[name])
+    assert not torch.equal(dict(m.generator.named_parameters())[name], m.ema.shadow[name])
+    assert m.export_readout()[2]["weights_label"] == "EMA (decay 0.5)"
+    state = m.checkpoint_state_dict()
+    assert {k.split(".")[0] for k in state} == {"generator", "fake", "ema"}
+    n = make(DMD, teacher, fake_updates_per_generator_update=2, ema_decay=0.5)
+    n.load_checkpoint_state_dict(state)
+    assert all(torch.equal(n.ema.shadow[k], m.ema.shadow[k]) for k in m.ema.shadow)
+    with pytest.raises(ModelLoadError, match="no EMA.*dmd.ema_decay: 0"):
+        n.load_checkpoint_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        make(DMD, teacher, ema_decay=1.0)

@@ -45,7 +45,6 @@ import torch
 from fastgen.diffusion.signal import point_from_signal, signal_coefficient, signal_ddim_step, signal_grid
 from fastgen.errors import ConfigError, ModelLoadError
 from fastgen.models.spec import lower_precision
-from fastgen.trainers.engine.ema import EMA
 from fastgen.trainers.method import StepOutput, register_method
 from fastgen.trainers.one_step import OneStepMethod
 
@@ -128,15 +127,11 @@ class BOOT(OneStepMethod):
         if cfg.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         lower_precision(teacher, loaded.low_dtype)
-        self.ema = EMA(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.keep_ema(cfg.ema_decay, "student")
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"student": [p for p in self.student.parameters() if p.requires_grad]}
-
-    def after_optimizer_step(self, name: str, step: int) -> None:
-        if self.ema is not None and name == "student":
-            self.ema.update()
 
     # ---- the networks --------------------------------------------------------------------------
     def signal(self, eps: torch.Tensor, t: torch.Tensor, embeds: Any, net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -206,10 +201,7 @@ class BOOT(OneStepMethod):
 
     # ---- state -------------------------------------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        if self.ema is not None:
-            state.update(self.ema.state_dict("ema."))
-        return state
+        return {**{f"student.{k}": v for k, v in self.student.state_dict().items()}, **self.ema_state()}
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         sub = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
@@ -218,27 +210,16 @@ class BOOT(OneStepMethod):
         except RuntimeError as exc:
             raise ModelLoadError(f"the checkpoint's student does not fit a copy of teacher '{self.loaded.name}': {str(exc)[:300]}; "
                                  "use the teacher the run was trained with") from exc
-        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
-        if self.ema is not None:
-            if not ema:
-                raise ModelLoadError("this checkpoint has no EMA of the student but the recipe sets boot.ema_decay > 0; "
-                                     "resume with boot.ema_decay: 0")
-            self.ema.load_state_dict(ema)
+        self.load_ema_state(state)
 
     # ---- use ---------------------------------------------------------------------------------
-    def sampling_network(self) -> torch.nn.Module:
-        """The student's weights for samples and export: the EMA with ``export.weights: target`` when kept."""
-        if self.ema is None or self.export_config.weights == "online":
-            return self.student
-        net = copy.deepcopy(self.student)
-        self.ema.copy_to(net)
-        return net
+    def trained_network(self) -> torch.nn.Module:
+        return self.student
 
     def one_step(self, z: torch.Tensor, embeds: Any, net: torch.nn.Module) -> torch.Tensor:
         """``y_0 = g(eps, t_0, c)``: the signal at the read-out time is the sample."""
         return self.signal(z, self.grid[:1].to(z.device).expand(len(embeds)), embeds, net)
 
     def export_readout(self) -> tuple[int, str, dict[str, Any]]:
-        ema = self.ema is not None and self.export_config.weights != "online"
-        return int(self.grid[0]), "sample", {"weights_label": f"EMA (decay {self.config.ema_decay})" if ema else "online student",
+        return int(self.grid[0]), "sample", {"weights_label": self.weights_label("online student"),
                                              "grid": [float(t) for t in self.grid]}

@@ -24,7 +24,9 @@ from fastgen.models import PromptEmbeds
 from fastgen.models.spec import load_teacher
 from fastgen.pipelines.cards import one_step_card
 from fastgen.pipelines.one_step import one_step_export_plan
+from fastgen.errors import ModelLoadError
 from fastgen.pipelines.writer import ExportError, ExportPlan
+from fastgen.trainers.engine.ema import EMA
 from fastgen.trainers.method import Method
 
 __all__ = ["OneStepMethod"]
@@ -66,13 +68,52 @@ class OneStepMethod(Method):
         """The clean latent (float32) that ``net`` makes of the starting noise ``z`` in one call."""
         raise NotImplementedError
 
-    def sampling_network(self) -> torch.nn.Module:
-        """The network that samples and is exported (e.g. an EMA copy)."""
+    def trained_network(self) -> torch.nn.Module:
+        """The network that maps noise to samples (its EMA, when kept, samples and is exported instead)."""
         raise NotImplementedError
 
     def export_readout(self) -> tuple[int, str, dict[str, Any]]:
         """``(timestep the network reads, prediction type its output is read as, extra facts for the export)``."""
         raise NotImplementedError
+
+    # ---- an optional EMA of the trained network, for samples and export ----------------------
+    ema: EMA | None = None
+    ema_group: str = ""
+
+    def keep_ema(self, decay: float, group: str) -> None:
+        """Average :meth:`trained_network` after each step of optimizer ``group`` (``decay`` 0: no EMA)."""
+        self.ema = EMA(self.trained_network(), decay) if decay > 0 else None
+        self.ema_group = group
+
+    def after_optimizer_step(self, name: str, step: int) -> None:
+        super().after_optimizer_step(name, step)
+        if self.ema is not None and name == self.ema_group:
+            self.ema.update()
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict("ema.") if self.ema is not None else {}
+
+    def load_ema_state(self, state: dict[str, torch.Tensor]) -> None:
+        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+        if self.ema is not None:
+            if not ema:
+                raise ModelLoadError(f"this checkpoint has no EMA of the {self.label} network but the recipe sets "
+                                     f"{self.config.section}.ema_decay > 0; resume with {self.config.section}.ema_decay: 0")
+            self.ema.load_state_dict(ema)
+
+    def uses_ema(self) -> bool:
+        return self.ema is not None and self.export_config.weights != "online"
+
+    def sampling_network(self) -> torch.nn.Module:
+        """The weights that sample and are exported: the EMA with ``export.weights: target`` when kept."""
+        if not self.uses_ema():
+            return self.trained_network()
+        net = copy.deepcopy(self.trained_network())
+        self.ema.copy_to(net)
+        return net
+
+    def weights_label(self, online: str) -> str:
+        return f"EMA (decay {self.config.ema_decay})" if self.uses_ema() else online
 
     # ---- use ---------------------------------------------------------------------------------
     @torch.no_grad()

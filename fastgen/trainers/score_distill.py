@@ -58,6 +58,8 @@ class DMDConfig:
             teacher's own network (adapters off = the teacher; saves one network's memory).
         fake_lora_target_modules: the adapted modules.
         seed: seed of the LoRA initialisation.
+        ema_decay: EMA of the generator (updated after each generator step) that samples and is exported with
+            ``export.weights: target`` (0: none, the generator itself).
     """
 
     section: ClassVar[str] = "dmd"
@@ -71,6 +73,7 @@ class DMDConfig:
     fake_lora_rank: int = 0
     fake_lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     seed: int = 0
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         s = self.section
@@ -83,6 +86,7 @@ class DMDConfig:
             (self.generator_output in ("teacher", "sample"), f"{s}.generator_output must be 'teacher' or 'sample', got "
                                                              f"{self.generator_output!r}"),
             (self.fake_lora_rank >= 0, f"{s}.fake_lora_rank must be >= 0 (0 = a full copy), got {self.fake_lora_rank}"),
+            (0.0 <= self.ema_decay < 1.0, f"{s}.ema_decay must be in [0, 1), got {self.ema_decay}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,6 +118,7 @@ class DMD(OneStepMethod):
         else:
             self.fake = copy.deepcopy(teacher.net).requires_grad_(True).train()
         lower_precision(teacher, loaded.low_dtype, keep=LoRA.is_adapter)
+        self.keep_ema(cfg.ema_decay, GEN)
 
     # ---- what trains -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -205,7 +210,7 @@ class DMD(OneStepMethod):
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
         state.update({f"fake.{k}": v for k, v in self.fake_state().items()})
-        return state
+        return {**state, **self.ema_state()}
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         gen = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
@@ -219,9 +224,10 @@ class DMD(OneStepMethod):
         except RuntimeError as exc:
             raise ModelLoadError(f"the checkpoint does not fit this {self.label} run (teacher '{self.loaded.name}', "
                                  f"fake_lora_rank {self.config.fake_lora_rank}): {str(exc)[:300]}; use the run's settings") from exc
+        self.load_ema_state(state)
 
     # ---- use ---------------------------------------------------------------------------------
-    def sampling_network(self) -> torch.nn.Module:
+    def trained_network(self) -> torch.nn.Module:
         return self.generator
 
     def one_step(self, z: torch.Tensor, embeds: Any, net: torch.nn.Module) -> torch.Tensor:
@@ -229,4 +235,4 @@ class DMD(OneStepMethod):
 
     def export_readout(self) -> tuple[int, str, dict[str, Any]]:
         read = "sample" if self.config.generator_output == "sample" else self.teacher.prediction_type
-        return int(self.gen_t), read, {"weights_label": "generator"}
+        return int(self.gen_t), read, {"weights_label": self.weights_label("generator")}
