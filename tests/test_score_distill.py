@@ -173,3 +173,15 @@ def test_generator_ema_follows_generator_steps_only_and_samples_and_round_trips(
         n.load_checkpoint_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
     with pytest.raises(ConfigError, match="ema_decay must be in"):
         make(DMD, teacher, ema_decay=1.0)
+
+
+def test_a_path_node_in_the_real_slot_is_guided_like_the_teacher(teacher):
+    """CFG applies to whatever holds the real-score slot: a node with the teacher's weights gives the teacher's target."""
+    m = make(DisBack, teacher, path_nodes=0, guidance_scale=3.0)
+    node = __import__("copy").deepcopy(m.teacher.net)
+    embeds = m.teacher.encode_prompt(PROMPTS[:2])
+    x_t = torch.randn(m.teacher.latent_shape(2, 16, 16), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300, 700])
+    want = m.score_x0(None, x_t, t, embeds, 3.0)
+    assert torch.allclose(m.score_x0(node, x_t, t, embeds, 3.0), want, atol=1e-5)
+    assert not torch.allclose(m.score_x0(node, x_t, t, embeds, 1.0), want, atol=1e-3)  # guidance did something

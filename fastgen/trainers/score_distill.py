@@ -143,12 +143,19 @@ class DMD(OneStepMethod):
         return out if self.config.generator_output == "sample" else self.teacher.output_to_x0_eps(out, z.float(), t)[0]
 
     def score_x0(self, net: torch.nn.Module | None, x_t: torch.Tensor, t: torch.Tensor, embeds: Any, guidance: float) -> torch.Tensor:
-        """x0-estimate of a score network (``None``: the teacher), guided against the empty prompt when ``guidance > 1``."""
-        uncond = self.uncond(x_t.device) if guidance != 1.0 else None
+        """x0-estimate of a score network (``None``: the teacher), guided against the empty prompt when ``guidance > 1``
+        (cond and uncond in one call, for the teacher and for any network in its slot alike)."""
         if net is None:
             with self.teacher_disabled():
+                uncond = self.uncond(x_t.device) if guidance != 1.0 else None
                 return self.teacher.predict(x_t, t, embeds, uncond, guidance=guidance)[0].float()
-        out = self.teacher.forward(x_t, t, embeds, net=net).float()
+        if guidance == 1.0:
+            out = self.teacher.forward(x_t, t, embeds, net=net).float()
+        else:
+            b = len(x_t)
+            both = self.uncond(x_t.device).expand(b).cat(embeds.expand(b))
+            out = self.teacher.forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both, net=net).float()
+            out = self.teacher.combine_guidance(*out.chunk(2), guidance)
         return self.teacher.output_to_x0_eps(out, x_t.float(), t)[0]
 
     def real_score(self) -> torch.nn.Module | None:
