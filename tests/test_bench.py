@@ -178,6 +178,15 @@ def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, ti
     n_calls = len(calls)
     bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
     assert len(calls) == n_calls
+    # a run extended at a resume (max_steps, recorded in config-changes.jsonl) is the longer recipe's run
+    run = tmp_path / "lcd-big"
+    (run / "config-changes.jsonl").write_text(json.dumps({"step": 400, "checkpoint": "step-1", "key": "train.max_steps",
+                                                          "old": 400, "new": 600, "reason": "free"}) + "\n")
+    spec = bench.PipelineSpec("long", recipe="lcd-digits", overrides=["lcd.w_max=6", "train.max_steps=600"], run_name="lcd-big")
+    assert not bench._finished(run)  # the latest checkpoint is at 400 of 600 now
+    (run / "checkpoints" / "step-1" / "trainer_state.json").write_text(json.dumps({"step": 600}))
+    bench.resolve_pipeline(spec, tmp_path, log=lambda *_: None)
+    assert len(calls) == n_calls
     # the quality protocol names a recipe pipeline's recipe and its run's configuration
     resolved = bench.recipe_resolver(tmp_path, log=lambda *_: None)(bench.PipelineSpec("s", recipe="lcd-digits"))
     assert resolved.info["recipe"] == "lcd-digits" and resolved.info["run_config"]["method"] == "lcd"

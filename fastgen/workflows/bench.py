@@ -137,13 +137,16 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
 
 def _finished(run_dir: Path) -> bool:
+    """The run's latest checkpoint is at its ``max_steps`` (as extended by accepted resume changes)."""
+    from fastgen.trainers.engine.run import saved_run_config
+
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg, _ = saved_run_config(run_dir, quiet=True)
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         state = json.loads((run_dir / "checkpoints" / latest / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return state.get("step", 0) >= cfg["train"]["max_steps"]
+    return state.get("step", 0) >= cfg.train.max_steps
 
 
 #: keys that change how a run is watched, not what it trains: a run differing only in these is reused
@@ -155,16 +158,15 @@ def _free(key: str) -> bool:
 
 
 def _check_same_recipe(run_dir: Path, recipe: str, overrides: list[str]) -> None:
-    """A run folder is only reused for the recipe (and overrides) it was trained with; keys that only
-    change logging (:data:`LOGGING_ONLY_KEYS`) may differ."""
+    """A run folder is only reused for the recipe (and overrides) it was trained with (its config.yaml plus
+    the changes accepted when it was resumed, e.g. a longer ``train.max_steps``); keys that only change
+    logging (:data:`LOGGING_ONLY_KEYS`) may differ."""
     from fastgen.config import config_to_dict
-    from fastgen.trainers.engine.run import load_run_config
+    from fastgen.trainers.engine.run import load_run_config, saved_run_config
 
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    saved.pop("method", None)
+    saved = config_to_dict(saved_run_config(run_dir, quiet=True)[0])
     cfg, _ = load_run_config(recipe, overrides)
     wanted = json.loads(json.dumps(config_to_dict(cfg), default=str))
     saved = json.loads(json.dumps(saved, default=str))
