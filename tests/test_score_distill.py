@@ -185,3 +185,30 @@ def test_a_path_node_in_the_real_slot_is_guided_like_the_teacher(teacher):
     want = m.score_x0(None, x_t, t, embeds, 3.0)
     assert torch.allclose(m.score_x0(node, x_t, t, embeds, 3.0), want, atol=1e-5)
     assert not torch.allclose(m.score_x0(node, x_t, t, embeds, 1.0), want, atol=1e-3)  # guidance did something
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "flow"])
+def test_v_and_flow_teachers_train_both_methods(kind, tmp_path):
+    """DMD and DisBack on a v-prediction SD and a flow (Flux) teacher: the generator reads the last timestep
+    (flow: sigma 1), both groups learn, the fake score's target is the teacher's prediction type."""
+    from tiny_models import make_tiny_flux
+
+    folder = make_tiny_flux(tmp_path / "flux") if kind == "flow" else make_tiny_sd(tmp_path / "sd-v", prediction_type="v_prediction")
+    for cls, kw in ((DMD, {}), (DisBack, {"path_nodes": 1, "degradation_steps": 2, "interval": 1, "path_dir": str(tmp_path / "p")})):
+        m = make(cls, folder, max_steps=6, fake_updates_per_generator_update=1, guidance_scale=2.0, **kw)
+        assert m.teacher.schedule.kind == ("flow" if kind == "flow" else "vp") and m.gen_t == (1.0 if kind == "flow" else 999)
+        gen0 = [p.detach().clone() for p in m.generator.parameters()]
+        fake0 = [p.detach().clone() for p in m.fake.parameters()]
+        run(m, 4)
+        assert any(not torch.equal(a, b) for a, b in zip(gen0, m.generator.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(fake0, m.fake.parameters()))
+        images = m.sample(PROMPTS[:2], 1, torch.Generator().manual_seed(0))
+        assert torch.isfinite(images).all() and images.shape[:2] == (2, 3)
+    if kind == "v_prediction":
+        plan = m.export_plan()
+        assert plan is not None
+    else:
+        from fastgen.pipelines.writer import ExportError
+
+        with pytest.raises(ExportError, match="not supported yet"):
+            m.export_plan()
