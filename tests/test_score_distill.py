@@ -212,3 +212,26 @@ def test_v_and_flow_teachers_train_both_methods(kind, tmp_path):
 
         with pytest.raises(ExportError, match="not supported yet"):
             m.export_plan()
+
+
+def test_recipes_parse_and_their_schedules_fit():
+    import dataclasses
+    from pathlib import Path
+
+    from fastgen.trainers.engine.run import load_run_config
+
+    recipes = Path(__file__).resolve().parents[1] / "fastgen" / "recipes"
+    dmd, cls = load_run_config(recipes / "dmd-digits.yaml")
+    assert cls is DMD and dmd.data.source == "prompts" and dmd.sample.steps == 1
+    disback, cls = load_run_config(recipes / "disback-digits.yaml")
+    assert cls is DisBack
+    # the digits pair differs only in the method's own section (stage 1 on top) and the iterations stage 1 takes
+    cfg = disback.disback
+    assert disback.train.max_steps - cfg.degradation_steps == dmd.train.max_steps
+    assert {k: getattr(cfg, k) for k in vars(dmd.dmd)} == vars(dmd.dmd)
+    assert disback.train == dataclasses.replace(dmd.train, max_steps=disback.train.max_steps)
+    for name in ("disback-digits", "disback-sdxl"):
+        run_cfg, _ = load_run_config(recipes / f"{name}.yaml")
+        c, steps = run_cfg.disback, run_cfg.train.max_steps
+        updates = (steps - c.degradation_steps) // c.fake_updates_per_generator_update
+        assert c.interval * c.path_nodes <= updates, name  # the path reaches the teacher
