@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastgen.trainers.engine import checkpoint as ckpt
-from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, stock_sample, train_and_kill
+from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, assert_one_step_export_reproduces_run, train_and_kill
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,16 +93,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(teacher, prompt_file, tm
 def test_export_loads_in_stock_diffusers_and_reproduces_the_student(teacher, prompt_file, tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "export"
     ok(fastgen(*train_args(teacher, prompt_file, run_dir, "train.max_steps=3", "boot.ema_decay=0.5")))
-    ok(fastgen("export", run_dir, out_dir))
-    got, images = stock_sample(out_dir, PROMPTS, 1, 1.0, tmp_path)
-    assert got == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "timesteps": [0], "fastgen_imported": False}
-
-    from fastgen.trainers.engine.run import load_method_from_run
-
-    method, _ = load_method_from_run(run_dir)
-    ours = method.sample(PROMPTS, 1, torch.Generator().manual_seed(0))
-    assert images.shape == ours.shape == (2, 3, 16, 16)
-    assert float((images - ours).abs().max()) < 1e-5
+    images = assert_one_step_export_reproduces_run(run_dir, out_dir, PROMPTS, 0, tmp_path)
     assert float(images.std()) > 0.01  # an image, not a constant
     # `fastgen sample` reads the folder's one step; more steps are refused with the reason
     r = ok(fastgen("sample", out_dir, "--prompt", PROMPTS[0], "--out", str(tmp_path / "grid.png")))
@@ -110,8 +101,11 @@ def test_export_loads_in_stock_diffusers_and_reproduces_the_student(teacher, pro
     bad = fastgen("sample", out_dir, "--prompt", PROMPTS[0], "--steps", "2")
     assert bad.returncode == 2 and "one-step generator" in bad.stderr
     # the exported weights are the EMA (export.weights: target), not the online student
-    online = method.student.state_dict()
     from safetensors.torch import load_file
+
+    from fastgen.trainers.engine.run import load_method_from_run
+
+    online = load_method_from_run(run_dir)[0].student.state_dict()
 
     exported = load_file(str(next((out_dir / "unet").glob("*.safetensors"))))
     key = next(k for k in exported if k in online and exported[k].is_floating_point())

@@ -12,10 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastgen.trainers.engine import checkpoint as ckpt
-from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, stock_sample, train_and_kill
+from test_lcd_e2e import FAST, env, fastgen, fastgen_cmd, final_state, max_diff, ok, assert_one_step_export_reproduces_run, train_and_kill
 from tiny_models import make_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +39,7 @@ def test_export_loads_in_stock_diffusers_and_reproduces_the_generator(teacher, t
     run_dir, out_dir = tmp_path / "run", tmp_path / "export"
     ok(fastgen(*train_args(teacher, run_dir, "train.max_steps=8")))
     assert sorted(p.name for p in (run_dir / "disback-path").iterdir()) == ["node-001.safetensors", "node-002.safetensors"]
-    ok(fastgen("export", run_dir, out_dir))
-    got, images = stock_sample(out_dir, PROMPTS, 1, 1.0, tmp_path)
-    assert got == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "timesteps": [999], "fastgen_imported": False}
-
-    from fastgen.trainers.engine.run import load_method_from_run
-
-    method, _ = load_method_from_run(run_dir)
-    ours = method.sample(PROMPTS, 1, torch.Generator().manual_seed(0))
-    assert images.shape == ours.shape == (2, 3, 16, 16)
-    assert float((images - ours).abs().max()) < 1e-5
+    assert_one_step_export_reproduces_run(run_dir, out_dir, PROMPTS, 999, tmp_path)
 
 
 @pytest.mark.slow

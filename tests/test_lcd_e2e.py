@@ -73,6 +73,21 @@ def stock_sample(out_dir: Path, prompts: list[str], steps: int, guidance: float,
     return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(images_path, weights_only=True)
 
 
+def assert_one_step_export_reproduces_run(run_dir: Path, out_dir: Path, prompts: list[str], timestep: int, work: Path) -> torch.Tensor:
+    """``fastgen export`` of a one-step run, then stock diffusers in a fresh process: a one-step DDIMScheduler at
+    ``timestep`` whose images equal the run's own one-step samples; returns the stock images."""
+    from fastgen.trainers.engine.run import load_method_from_run
+
+    ok(fastgen("export", run_dir, out_dir))
+    got, images = stock_sample(out_dir, prompts, 1, 1.0, work)
+    assert got == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "timesteps": [timestep], "fastgen_imported": False}
+    method, _ = load_method_from_run(run_dir)
+    ours = method.sample(prompts, 1, torch.Generator().manual_seed(0))
+    assert images.shape == ours.shape == (len(prompts), 3, TINY_PX, TINY_PX)
+    assert float((images - ours).abs().max()) < 1e-5
+    return images
+
+
 def grid_size(prompts: int, per_prompt: int, px: int = TINY_PX) -> tuple[int, int]:
     """PIL (width, height) of `fastgen sample`'s grid: rows = prompts, 2 px padding, upscaled to >= 128 px."""
     up = max(1, 128 // px)
