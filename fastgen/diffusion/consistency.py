@@ -11,6 +11,7 @@ with ``s = timestep_scaling`` (10 in LCM) so that ``f(x, 0) ~= x`` and ``f ~= x0
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -150,3 +151,49 @@ def multistep_consistency_sample(
         t_next = torch.full_like(t_b, ts[i + 1])
         x = schedule.add_noise(x0, z, t_next)
     return x0
+
+
+def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
+    """FluxPipeline's resolution shift ``mu`` for ``image_seq_len`` packed tokens (its ``calculate_shift``
+    with the scheduler config's ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift``)."""
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return float(image_seq_len * m + (base_shift - m * base_len))
+
+
+def _shift_flow_sigmas(sigmas: np.ndarray, schedule: NoiseSchedule, mu: float | None) -> np.ndarray:
+    """The flow schedulers' shift of float32 ``sigmas`` (static, or exponential with ``mu``), in numpy float32."""
+    if schedule.use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("this flow schedule shifts per resolution: pass mu (fastgen.diffusion.flux_mu)")
+        e = math.exp(mu)
+        return (e / (e + (1 / sigmas - 1) ** 1.0)).astype(np.float32)
+    s = schedule.shift
+    return (s * sigmas / (1 + (s - 1) * sigmas)).astype(np.float32)
+
+
+def pipeline_flow_sigmas(num_inference_steps: int, schedule: NoiseSchedule, mu: float | None = None) -> torch.Tensor:
+    """The float32 sigmas a stock FluxPipeline samples at (terminal 0 appended, length N + 1): it passes
+    ``linspace(1, 1/N, N)`` to the flow scheduler's ``set_timesteps(sigmas=..., mu=...)``, which shifts them
+    (``FlowMatchLCMScheduler`` and ``FlowMatchEulerDiscreteScheduler`` alike)."""
+    n = int(num_inference_steps)
+    if n < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+    sig = _shift_flow_sigmas(np.linspace(1.0, 1 / n, n).astype(np.float32), schedule, mu)
+    return torch.cat([torch.from_numpy(sig.copy()), torch.zeros(1)])
+
+
+def flow_skip_grid(num_steps: int, schedule: NoiseSchedule, mu: float | None = None) -> torch.Tensor:
+    """Consistency distillation's grid for a flow teacher, ascending: ``shift(n / N)`` for n = 1..N.
+
+    A pair is (sigma_n, sigma_{n-1}) with sigma_0 = 0. Every stock sampling schedule of N' steps with N' dividing
+    N (``shift(k / N')``, see :func:`pipeline_flow_sigmas`) lies on this grid.
+    """
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"the flow grid needs at least one step, got {n}")
+    sig = _shift_flow_sigmas((np.arange(1, n + 1) / n).astype(np.float32), schedule, mu)
+    return torch.from_numpy(sig.copy())

@@ -5,7 +5,8 @@ nothing of the parameterisation; the wrapper turns its output into what a method
   of LCM for eps, v and flow teachers; the network runs through :meth:`Teacher.forward(net=...)
   <fastgen.models.Teacher.forward>`, so a student copy gets exactly the teacher's conditioning.
 * :func:`guidance_embedding` / :func:`with_guidance_embedding`: LCM's embedded guidance ``w``
-  (``timestep_cond`` of a UNet with ``time_cond_proj_dim``).
+  (``timestep_cond`` of a UNet with ``time_cond_proj_dim``); :func:`with_flux_guidance_embedding`: the
+  same for a Flux transformer (``guidance_embeds``, the guidance-distilled FLUX.1-dev layout).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastgen.diffusion import consistency_output, to_x0
 from fastgen.errors import ConfigError, ModelLoadError
 from fastgen.models.teacher import PromptEmbeds, Teacher
 
-__all__ = ["ConsistencyDenoiser", "guidance_embedding", "with_guidance_embedding"]
+__all__ = ["ConsistencyDenoiser", "guidance_embedding", "with_flux_guidance_embedding", "with_guidance_embedding"]
 
 _COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 
@@ -57,13 +58,44 @@ def with_guidance_embedding(net: torch.nn.Module, dim: int, option: str = "w_emb
     return student.to(dtype=torch.float32)
 
 
-class ConsistencyDenoiser:
-    """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(net(x_t, t, c, w))`` in float32.
+_FLUX_GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
 
-    ``x0`` comes from the network's output in the teacher's prediction type (eps, v or flow) with
-    the teacher's schedule; the boundary scalings are LCM's (``sigma_data = 0.5``,
-    ``timestep_scaling``) on the network's timestep (integer steps of a DDPM schedule, ``1000 sigma``
-    of a flow schedule), so ``f(x, 0) = x``.
+
+def with_flux_guidance_embedding(net: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of a Flux transformer with a guidance embedding (``guidance_embeds=True``).
+
+    A transformer that has one (FLUX.1-dev) is copied as it is; otherwise the new
+    ``guidance_embedder``'s output layer is zero, so the copy starts exactly as the teacher and the
+    embedded scale (FluxPipeline's ``guidance_scale``) is learnt in distillation.
+    """
+    if bool(net.config.get("guidance_embeds", False)):
+        import copy
+
+        student = copy.deepcopy(net)
+        return student if next(student.parameters()).dtype == torch.float32 else student.to(dtype=torch.float32)
+    student = type(net).from_config(net.config, guidance_embeds=True)
+    missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(_FLUX_GUIDANCE_PREFIX) for k in missing):
+        raise ModelLoadError(
+            f"could not copy the teacher transformer into the student: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}; the teacher folder's transformer/ may be corrupt"
+        )
+    with torch.no_grad():
+        last = student.time_text_embed.guidance_embedder.linear_2
+        last.weight.zero_()
+        last.bias.zero_()
+    return student if next(student.parameters()).dtype == torch.float32 else student.to(dtype=torch.float32)
+
+
+class ConsistencyDenoiser:
+    """The consistency function ``f(x_t, t)`` of a student network, in float32.
+
+    * DDPM-family teachers (LCM): ``f = c_skip(t) x_t + c_out(t) x0(net(x_t, t, c, w))``, ``x0`` from the
+      network's output in the teacher's prediction type (eps or v), with LCM's boundary scalings
+      (``sigma_data = 0.5``, ``timestep_scaling``) on the integer timestep, so ``f(x, 0) = x``.
+    * Flow teachers: ``f = x_t - sigma v(x_t, sigma)``, the clean latent of the velocity, which is what
+      ``FlowMatchLCMScheduler`` reads from the network; ``f(x, 0) = x`` holds by construction. ``w`` goes
+      to the transformer's guidance embedding as the CFG scale ``w + 1`` (FluxPipeline's ``guidance_scale``).
 
     Args:
         teacher: supplies the conditioning conventions, schedule and prediction type.
@@ -79,16 +111,19 @@ class ConsistencyDenoiser:
     def __call__(
         self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, w: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if w is not None and self.w_embedding_dim:
+        if w is not None and self.w_embedding_dim and self.teacher.schedule.kind != "flow":
             embeds = PromptEmbeds(
                 hidden=embeds.hidden,
                 pooled=embeds.pooled,
                 extra={**embeds.extra, "timestep_cond": guidance_embedding(w, self.w_embedding_dim).to(x_t.device).expand(x_t.shape[0], -1)},
             )
-        out = self.teacher.forward(x_t, t, embeds, net=net).float()
+        flow = self.teacher.schedule.kind == "flow"
+        guidance = (w + 1.0) if (flow and w is not None) else None
+        out = self.teacher.forward(x_t, t, embeds, guidance_embed=guidance, net=net).float()
         x = x_t.float()
         t = t.to(x.device)
         alpha, sigma = self.teacher.schedule.alpha_sigma(t)
         x0 = to_x0(out, x, alpha.to(x.device), sigma.to(x.device), self.teacher.prediction_type)
-        return consistency_output(x, x0, self.teacher.schedule.model_timestep(t).to(x.device).float() if self.teacher.schedule.kind == "flow" else t,
-                                  timestep_scaling=self.timestep_scaling)
+        if flow:
+            return x0
+        return consistency_output(x, x0, t, timestep_scaling=self.timestep_scaling)

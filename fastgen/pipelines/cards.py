@@ -54,6 +54,8 @@ def consistency_card(info: dict[str, Any]) -> dict[str, Any]:
         )
         weights = "LoRA adapters (peft format, `unet.` prefix) in `pytorch_lora_weights.safetensors`; load with `pipe.load_lora_weights`."
         title = f"LCM-LoRA distilled from {info['base_model']}"
+    elif info.get("scheduler") == "FlowMatchLCMScheduler":
+        return _flow_consistency_card(info)
     else:
         g = info["guidance_scale"]
         lo, hi = info["guidance_scale_range"]
@@ -86,6 +88,39 @@ def consistency_card(info: dict[str, Any]) -> dict[str, Any]:
         "steps": f"{steps} (LCMScheduler accepts 1 to {info['original_inference_steps']})",
         **_described(info, guidance, weights, usage, _CONSISTENCY_TRAINING),
         "tags": ["fastgen", "lcm", "latent-consistency", "distillation"] + (["lora"] if lora else []),
+    }
+
+
+def _flow_consistency_card(info: dict[str, Any]) -> dict[str, Any]:
+    """Card of the consistency student of a flow-matching (Flux) teacher: a FluxPipeline with a FlowMatchLCMScheduler."""
+    steps, res, g = info["num_inference_steps"], info["resolution"], info["guidance_scale"]
+    lo, hi = info["guidance_scale_range"]
+    usage = (
+        "import torch\nfrom diffusers import DiffusionPipeline\n\n"
+        'pipe = DiffusionPipeline.from_pretrained("<this folder>")\n'
+        "torch.manual_seed(0)  # FlowMatchLCMScheduler re-noises from torch's global generator\n"
+        f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g:g}, height={res}, width={res}, '
+        "generator=torch.Generator().manual_seed(0)).images[0]"
+    )
+    guidance = (
+        "The transformer embeds the guidance scale (`guidance_embeds`, as FLUX.1-dev); no unconditional pass runs. "
+        f"`guidance_scale = g` means the teacher sampled with CFG scale g; trained range {lo:g} to {hi:g}, default {g:g}. "
+        "Leave `true_cfg_scale` at 1."
+    )
+    which = "EMA target" if info["transformer_weights"] == "ema_target" else "online student"
+    weights = (
+        f"`transformer/` holds the {which} weights (EMA decay {info['ema_decay']}), stored as {info['transformer_dtype']}; "
+        "the text encoders, tokenizers and VAE are the teacher's, unchanged."
+    )
+    return {
+        "title": f"Flow-matching LCM distilled from {info['teacher']}",
+        "method": info.get("method_title", "Latent Consistency Distillation") + " (flow matching)",
+        "teacher": f"{info['teacher']} ({info['teacher_pipeline_class']}, {info['prediction_type']} prediction)",
+        "pipeline_class": info["pipeline_class"],
+        "scheduler": "FlowMatchLCMScheduler (x0 = x - sigma v, re-noised to the next sigma)",
+        "steps": f"{steps} (any; trained on a grid of {info['num_grid_steps']} sigmas, which holds every N dividing it)",
+        **_described(info, guidance, weights, usage, _CONSISTENCY_TRAINING),
+        "tags": ["fastgen", "lcm", "latent-consistency", "flow-matching", "distillation"],
     }
 
 

@@ -1,5 +1,6 @@
 """The export of a consistency student (LCD, RG-LCD, SCott): a stock pipeline with the student UNet and
-an ``LCMScheduler`` (full student), or LoRA weights + the scheduler's config (LCM-LoRA)."""
+an ``LCMScheduler`` (full student), or LoRA weights + the scheduler's config (LCM-LoRA); for a flow-matching
+teacher, the student transformer and a ``FlowMatchLCMScheduler``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
 from fastgen.pipelines.cards import consistency_card
 from fastgen.pipelines.writer import ExportPlan
 
-__all__ = ["consistency_export_plan", "lcm_scheduler", "student_export_plan"]
+__all__ = ["consistency_export_plan", "flow_lcm_scheduler", "lcm_scheduler", "student_export_plan"]
 
 
 def lcm_scheduler(base_config: dict[str, Any], original_inference_steps: int, timestep_scaling: float) -> LCMScheduler:
@@ -25,12 +26,19 @@ def lcm_scheduler(base_config: dict[str, Any], original_inference_steps: int, ti
     return LCMScheduler.from_config(base)
 
 
+def flow_lcm_scheduler(base_config: dict[str, Any]) -> FlowMatchLCMScheduler:
+    """A ``FlowMatchLCMScheduler`` with a flow teacher's schedule (shift, dynamic shifting and its ``mu`` range)."""
+    accepted = inspect.signature(FlowMatchLCMScheduler.__init__).parameters
+    return FlowMatchLCMScheduler.from_config({k: v for k, v in base_config.items() if k in accepted})
+
+
 def consistency_export_plan(
     pipe: Any,
     cfg: Any,
     info: dict[str, Any],
     *,
     unet: torch.nn.Module | None = None,
+    transformer: torch.nn.Module | None = None,
     unet_is_target: bool = True,
     lora_weights: dict[str, torch.Tensor] | None = None,
     lora_metadata: dict[str, Any] | None = None,
@@ -40,8 +48,17 @@ def consistency_export_plan(
 
     ``cfg`` holds the consistency options (``num_ddim_timesteps``, ``timestep_scaling``, ``w_min``, ``w_max``,
     ``ema_decay``, ``w_embedding_dim``, the ``lora_*`` fields); ``info`` the teacher and sampling facts. A full
-    student passes ``unet``; a LoRA student ``lora_weights`` and ``lora_metadata``.
+    student passes ``unet`` (``transformer`` for a flow teacher); a LoRA student ``lora_weights`` and ``lora_metadata``.
     """
+    if transformer is not None:  # a flow-matching teacher's student
+        info = {**info, "pipeline_class": type(pipe).__name__, "scheduler": "FlowMatchLCMScheduler", "export": "pipeline",
+                "transformer_weights": "ema_target" if unet_is_target else "online_student", "ema_decay": cfg.ema_decay,
+                "num_grid_steps": cfg.num_ddim_timesteps, "w_range_lcm_form": [cfg.w_min, cfg.w_max],
+                "guidance_scale_range": [cfg.w_min + 1.0, cfg.w_max + 1.0], "guidance": "embedded (guidance_scale)",
+                "renoise": "FlowMatchLCMScheduler draws from torch's global generator: torch.manual_seed(seed) first",
+                "transformer_dtype": str(dtype or next(transformer.parameters()).dtype).replace("torch.", "")}
+        return ExportPlan(kind="pipeline", base=pipe, info=info, card=consistency_card, dtype=dtype,
+                          replace={"transformer": transformer, "scheduler": flow_lcm_scheduler(dict(pipe.scheduler.config))})
     info = {**info, "pipeline_class": type(pipe).__name__, "scheduler": "LCMScheduler",
             "original_inference_steps": cfg.num_ddim_timesteps, "timestep_scaling": cfg.timestep_scaling}
     scheduler = lcm_scheduler(dict(pipe.scheduler.config), cfg.num_ddim_timesteps, cfg.timestep_scaling)
@@ -72,6 +89,7 @@ def student_export_plan(student: Any, method: str, config: dict[str, Any], steps
     if student.lora is not None:
         return consistency_export_plan(teacher.pipeline(), student.cfg, info, lora_weights=student.lora.state_dict(),
                                        lora_metadata=student.lora.adapter_metadata())
-    unet = student.sampling_net(weights)
-    return consistency_export_plan(teacher.pipeline(), student.cfg, info, unet=unet, unet_is_target=unet is student.target,
+    net = student.sampling_net(weights)
+    role = {"transformer": net} if student.flow else {"unet": net}
+    return consistency_export_plan(teacher.pipeline(), student.cfg, info, **role, unet_is_target=net is student.target,
                                    dtype=teacher.dtype)

@@ -24,11 +24,21 @@ from typing import Any, ClassVar
 
 import torch
 
-from fastgen.diffusion import ddim_step, lcm_timesteps, multistep_consistency_sample, randn_like_diffusers, skip_grid
+from fastgen.diffusion import (
+    ddim_step,
+    flow_skip_grid,
+    flux_mu,
+    lcm_timesteps,
+    multistep_consistency_sample,
+    pipeline_flow_sigmas,
+    randn_like_diffusers,
+    skip_grid,
+)
 from fastgen.errors import ConfigError, ModelLoadError
 from fastgen.losses import consistency_loss
 from fastgen.models import PromptEmbeds
-from fastgen.models.denoisers import ConsistencyDenoiser, with_guidance_embedding
+from fastgen.models.denoisers import ConsistencyDenoiser, with_flux_guidance_embedding, with_guidance_embedding
+from fastgen.models.teacher import pack_latents, unpack_latents
 from fastgen.models.lora import LoRA
 from fastgen.models.spec import LoadedTeacher, load_teacher, lower_precision
 from fastgen.data.sources import build_dataset
@@ -49,7 +59,14 @@ def _no_autocast(device: torch.device):
 
 
 class ConsistencyStudent(torch.nn.Module):
-    """Teacher + consistency student + target of an SD-family UNet teacher (see the module docstring).
+    """Teacher + consistency student + target (see the module docstring).
+
+    DDPM-family UNet teachers (SD, SDXL) distil on LCD's DDIM skip grid with LCM's consistency function
+    and export with ``LCMScheduler``. Flow-matching Flux teachers distil on the grid ``shift(n / N)`` with
+    the teacher's Euler step as the solver and ``f = x - sigma v`` as the consistency function, and
+    export with ``FlowMatchLCMScheduler``; the full student is the transformer with a guidance embedding
+    (FluxPipeline's ``guidance_scale`` = the teacher's CFG scale ``w + 1``). A guidance-distilled teacher
+    (FLUX.1-dev, ``guidance_embeds``) is itself guided through that embedding: one forward, no CFG.
 
     Args:
         loaded: the teacher (:func:`fastgen.models.spec.load_teacher`).
@@ -60,18 +77,33 @@ class ConsistencyStudent(torch.nn.Module):
     def __init__(self, loaded: LoadedTeacher, cfg: Any, section: str):
         super().__init__()
         teacher = loaded.teacher
-        if teacher.schedule.kind != "vp":
-            raise ConfigError(f"{section} needs a discrete (DDPM-family) noise schedule; '{loaded.name}' uses {teacher.schedule.kind}")
+        self.flow = teacher.schedule.kind == "flow"
+        if self.flow and teacher.family != "flux":
+            raise ConfigError(
+                f"{section} distils flow-matching teachers of the Flux layout; '{loaded.name}' is a {teacher.family} "
+                f"({teacher.pipeline_class}) pipeline"
+            )
+        if self.flow and cfg.lora:
+            raise ConfigError(f"{section}.lora with a flow-matching (Flux) teacher is not supported yet; set {section}.lora=false")
         self.teacher, self.loaded, self.cfg, self.section = teacher, loaded, cfg, section
         self.resolution = loaded.resolution
         T = int(teacher.schedule.num_train_timesteps)
         if cfg.num_ddim_timesteps > T:
             raise ConfigError(f"{section}.num_ddim_timesteps ({cfg.num_ddim_timesteps}) exceeds the teacher's {T} training timesteps")
-        self.register_buffer("ddim_grid", skip_grid(T, cfg.num_ddim_timesteps), persistent=False)
-        self.skip = T // cfg.num_ddim_timesteps
+        self.mu = None
+        if self.flow:
+            lat = teacher.latent_shape(1, self.resolution, self.resolution)
+            self.mu = flux_mu((lat[-2] // 2) * (lat[-1] // 2), dict(teacher.pipeline().scheduler.config))
+            grid = flow_skip_grid(cfg.num_ddim_timesteps, teacher.schedule, self.mu)
+        else:
+            grid = skip_grid(T, cfg.num_ddim_timesteps)
+        self.register_buffer("ddim_grid", grid, persistent=False)
         net = teacher.net
         self.lora: LoRA | None = None
-        if cfg.lora:
+        if self.flow:
+            self.student = with_flux_guidance_embedding(net).requires_grad_(True).train()
+            self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        elif cfg.lora:
             self.lora = LoRA(net, list(cfg.lora_target_modules), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed, section)
             object.__setattr__(self, "student", net)  # the teacher's own UNet: registered once, as teacher.net
             self.target = None
@@ -164,9 +196,11 @@ class ConsistencyStudent(torch.nn.Module):
             self.lora.load({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
             return
         key = f"student.{_COND_PROJ_KEY}"
-        if key not in state:
+        if self.flow:
+            pass  # the transformer's guidance embedding has fixed sizes: the strict load below checks it
+        elif key not in state:
             raise ModelLoadError(f"checkpoint has no guidance embedding ('{key}'); it is not a full consistency-student checkpoint")
-        got, want = int(state[key].shape[1]), int(self.cfg.w_embedding_dim)
+        got, want = (int(state[key].shape[1]), int(self.cfg.w_embedding_dim)) if not self.flow else (0, 0)
         if got != want:
             raise ConfigError(
                 f"the checkpoint's guidance embedding has size {got} (time_cond_proj_dim) but the recipe sets "
@@ -194,8 +228,10 @@ class ConsistencyStudent(torch.nn.Module):
     @torch.no_grad()
     def sample(self, prompts: list[str], num_steps: int, generator: torch.Generator, guidance_scale: float,
                weights: str = "target", resolution: int | None = None) -> torch.Tensor:
-        """Images in [0, 1] by multistep consistency sampling on LCMScheduler's timesteps, drawing noise as the
-        exported pipeline does (``x_T`` first, then one re-noise draw per step), so the export gives the same images."""
+        """Images in [0, 1] by multistep consistency sampling on the exported scheduler's timesteps, drawing noise
+        as the exported pipeline does (``x_T`` first, then one re-noise draw per step), so the export gives the
+        same images. ``FlowMatchLCMScheduler`` re-noises from torch's global generator: here that stream is a
+        generator seeded with ``generator.initial_seed()``, i.e. the pipeline's after ``torch.manual_seed(seed)``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         net, device = self.sampling_net(weights), self.device
         res = int(resolution or self.resolution)
@@ -203,11 +239,21 @@ class ConsistencyStudent(torch.nn.Module):
         b = len(embeds)
         w = None if self.is_lora else torch.full((b,), float(guidance_scale) - 1.0, device=device)
         x_T = randn_like_diffusers(self.teacher.latent_shape(b, res, res), generator=generator, device=device, dtype=embeds.dtype).float()
-        ts = lcm_timesteps(num_steps, self.teacher.schedule.num_train_timesteps, original_inference_steps=self.cfg.num_ddim_timesteps)
+        noise_fn = None
+        if self.flow:
+            ts = pipeline_flow_sigmas(num_steps, self.teacher.schedule, self.mu)[:-1]
+            renoise = torch.Generator(generator.device).manual_seed(generator.initial_seed())
+
+            def noise_fn(x0: torch.Tensor) -> torch.Tensor:
+                packed = randn_like_diffusers(pack_latents(x0).shape, generator=renoise, device=x0.device, dtype=x0.dtype)
+                return unpack_latents(packed, x0.shape[-2], x0.shape[-1])
+        else:
+            ts = lcm_timesteps(num_steps, self.teacher.schedule.num_train_timesteps, original_inference_steps=self.cfg.num_ddim_timesteps)
         was_training = net.training
         net.eval()
         try:
-            z0 = multistep_consistency_sample(lambda x, t: self.f(net, x, t, embeds, w), x_T, self.teacher.schedule, ts, generator=generator)
+            z0 = multistep_consistency_sample(lambda x, t: self.f(net, x, t, embeds, w), x_T, self.teacher.schedule, ts,
+                                              generator=generator, noise_fn=noise_fn)
         finally:
             net.train(was_training)
         with _no_autocast(device):
@@ -233,15 +279,18 @@ def consistency_distillation_loss(
     intermediates ``t_start``, ``t_end``, ``x_start``, ``x_end``, ``pred``, ``target``.
     """
     sched, device = nets.teacher.schedule, latents.device
-    # 1. a skip-grid pair t_s = tau_i, t_e = t_s - k, and x_s ~ q(x_s | z0)
-    t_start = nets.ddim_grid.to(device)[index.to(device)]
-    t_end = (t_start - nets.skip).clamp(min=0)
+    # 1. a grid pair t_s = tau_i, t_e = tau_{i-1} (0 for i = 0; vp: t_s - k), and x_s ~ q(x_s | z0)
+    grid, index = nets.ddim_grid.to(device), index.to(device)
+    t_start = grid[index]
+    t_end = torch.where(index > 0, grid[(index - 1).clamp(min=0)], torch.zeros_like(t_start))
     x_start = sched.add_noise(latents, noise, t_start)
+    # a guidance-distilled teacher (FLUX.1-dev) reads w + 1 from its embedding: one forward, no CFG
+    uncond = None if nets.teacher.guidance_embeds else nets.uncond(device)
 
-    # 2. the guided teacher moves t_s -> t_e: one DDIM step (cond and uncond in one batched forward), or `move`
+    # 2. the guided teacher moves t_s -> t_e: one DDIM/Euler step (cond and uncond in one batched forward), or `move`
     def predict(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with nets.adapters_disabled():
-            return nets.teacher.predict(x, t, embeds, nets.uncond(device), guidance=(w + 1.0).to(device))
+            return nets.teacher.predict(x, t, embeds, uncond, guidance=(w + 1.0).to(device))
 
     with torch.no_grad():
         if move is None:
@@ -262,7 +311,8 @@ def consistency_distillation_loss(
 def consistency_setup(method: Method, label: str) -> ConsistencyStudent:
     """Teacher + student networks of a consistency method from its shared sections (LCD, RG-LCD, SCott)."""
     cfg = method.config
-    loaded = load_teacher(method.teacher_config, method.default_teacher, ("sd", "sdxl"), label)
+    families = ("sd", "sdxl", "flux") if method.flow_teachers else ("sd", "sdxl")
+    loaded = load_teacher(method.teacher_config, method.default_teacher, families, label)
     if method.sample_steps > cfg.num_ddim_timesteps:
         raise ConfigError(f"sample.steps must be in 1..{cfg.section}.num_ddim_timesteps ({cfg.num_ddim_timesteps}), got {method.sample_steps}")
     return ConsistencyStudent(loaded, cfg, cfg.section)
@@ -273,6 +323,8 @@ class ConsistencyMethod(Method):
     sampling and export (no train_step). ``label`` names the method in error messages."""
 
     label: ClassVar[str] = "LCD"
+    #: whether the method distils flow-matching (Flux) teachers as well as SD-family UNets
+    flow_teachers: ClassVar[bool] = True
 
     def __init__(self, config: Any, **shared: Any):
         super().__init__(config, **shared)

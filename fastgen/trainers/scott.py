@@ -115,6 +115,7 @@ class SCott(ConsistencyMethod):
     name = "scott"
     config_class = SCottConfig
     label = "SCott"
+    flow_teachers = False  # its SDE sub-steps are written for DDPM-family schedules
 
     def __init__(self, config: SCottConfig, **shared: Any):
         super().__init__(config, **shared)  # the teacher, student and EMA target (self.nets)
