@@ -5,10 +5,13 @@ Usage::
     python benchmarks/clear_attention.py [--device cpu|cuda] [--dtype float32|float16|bfloat16]
         [--heads H] [--dim D] [--grids 64,128,256] [--radii 8,16,32] [--text-len 512]
         [--repeats N] [--warmup N] [--budget-s S] [--threads N] [--out benchmarks/results] [--quick]
+        [--merge] [--crossovers PATH|none]
 
 Writes ``<out>/clear_attention.json`` (``protocol`` + ``rows`` + ``skipped``) and
 ``<out>/clear_attention.md`` atomically (``--quick`` writes ``clear_attention_quick.*`` so a smoke run
-never replaces real results).
+never replaces real results); ``--merge`` keeps the earlier rows of cases this run does not measure. A
+CPU run also writes the table of per-case winners that the ``auto`` backend reads on CPUs
+(``fastgen/attention/cpu_backends.json``, :mod:`fastgen.attention.crossover`).
 
 Problem: one joint sequence of ``text_len`` text tokens + a ``g x g`` image token grid (``g`` in
 ``--grids``), batch 1, random q/k/v ``[1, heads, N, dim]`` made once per grid (attention only: no
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -59,6 +63,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastgen.attention.crossover import TABLE as CPU_TABLE, cases_from_rows  # noqa: E402
 from fastgen.attention import (  # noqa: E402
     clear_attention,
     clear_block_mask,
@@ -114,6 +119,11 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: leave as is")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: one 16x16 grid, 16 text tokens, r=4")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the existing results for cases this run does not measure (e.g. other text lengths)")
+    ap.add_argument("--crossovers", default=None,
+                    help="where to write the CPU backend table `auto` reads (default: fastgen/attention/cpu_backends.json "
+                         "for a CPU run that is not --quick; 'none' to skip)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -170,7 +180,7 @@ def main(argv=None):
         gen = torch.Generator(device="cpu").manual_seed(g)
         q, k, v = (torch.randn(1, args.heads, n, args.dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
         print(f"grid {g}x{g}: {n} tokens", flush=True)
-        base = {"grid": f"{g}x{g}", "tokens": n, "radius": None}
+        base = {"grid": f"{g}x{g}", "tokens": n, "text_len": args.text_len, "radius": None}
         try:
             m = measure(lambda: F.scaled_dot_product_attention(q, k, v), device, args.warmup, args.repeats)
             sdpa_ms = m["median_ms"]
@@ -264,18 +274,46 @@ def main(argv=None):
     }
     out = Path(args.out)
     stem = "clear_attention_quick" if args.quick else "clear_attention"
+    if args.merge and (out / f"{stem}.json").is_file():
+        rows, skipped, protocol = _merge(json.loads((out / f"{stem}.json").read_text()), rows, skipped, protocol)
     atomic_write_json(out / f"{stem}.json", {"protocol": protocol, "rows": rows, "skipped": skipped})
+    crossovers = args.crossovers or (None if (args.quick or device.type != "cpu") else str(CPU_TABLE))
+    cases = []
+    if crossovers and crossovers != "none":
+        cases = cases_from_rows(rows, args.text_len)
+        atomic_write_json(crossovers, {"source": f"{out / stem}.json", "device": protocol["device"],
+                                       "torch": protocol["torch"], "date": protocol["date"],
+                                       "rule": "no-grad shapes: the fastest exact backend of the nearest measured case",
+                                       "cases": cases})
     md = [f"# CLEAR attention latency ({protocol['device']}, {protocol['dtype']}, {args.heads} heads x {args.dim}, "
           f"{args.text_len} text tokens)\n",
           f"{protocol['timing']}; speedup = full SDPA median / case median. Generated {protocol['date']}, "
           f"torch {protocol['torch']}, triton {protocol['triton']}, {protocol['threads']} threads.\n",
           markdown_table(rows, COLUMNS)]
+    if cases:
+        md += ["\n## What `auto` runs on a CPU without gradients\n",
+               "The fastest exact backend per measured case (with gradients `auto` runs `reference`, the only CPU backend "
+               "with a backward pass); a shape takes the choice of the nearest case.\n",
+               markdown_table([{**c, "median_ms": ", ".join(f"{k} {v:g}" for k, v in c["median_ms"].items())} for c in cases],
+                              ["grid", "text_len", "radius", "tokens", "ideal_flop_fraction", "best", "speedup_vs_reference",
+                               "median_ms"])]
     if skipped:
         md += ["\n## Skipped\n", markdown_table(skipped, ["grid", "radius", "backend", "reason"])]
     atomic_write_text(out / f"{stem}.md", "\n".join(md))
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {protocol['elapsed_s']} s")
     return rows, skipped
+
+
+def _merge(old: dict, rows: list, skipped: list, protocol: dict):
+    """This run's rows plus the earlier results' rows for cases it did not measure (rows without ``text_len``
+    take their run's protocol value)."""
+    old_len = old.get("protocol", {}).get("text_len")
+    key = lambda r: (r["grid"], r.get("text_len", old_len), r.get("radius"), r["backend"])  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    kept = [{**r, "text_len": r.get("text_len", old_len)} for r in old.get("rows", []) if key(r) not in new_keys]
+    protocol = {**protocol, "merged_with": old.get("protocol")}
+    return kept + rows, list(old.get("skipped", [])) + skipped, protocol
 
 
 def _free(device):

@@ -242,7 +242,7 @@ def test_reference_gradients_flow_including_spatial_weight():
     out = fn(q, k, v, w)
     out.square().sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
-    # "auto" on CPU is the reference backend, so it trains as well
+    # "auto" on CPU runs the reference backend when a gradient is needed, so it trains as well
     out_auto = clear_attention(q, k, v, height=height, width=width, text_len=text_len, radius=radius, down_factor=f,
                                spatial_weight=w, backend="auto")
     assert out_auto.requires_grad and torch.allclose(out_auto, out)
@@ -493,3 +493,54 @@ def test_flux_clear_speed_tiny_cpu(tmp_path):
     assert 0 < rows["triton"]["model_flop_fraction"] < 1 and data["settings"]["config"]["num_layers"] == 2
     with pytest.raises(SystemExit):
         bench.parse_args(["--resolutions", "1000"])  # not a multiple of 16
+
+
+# --------------------------------------------------------------------------- auto on CPU
+
+
+def test_cpu_table_is_the_measured_winners():
+    """The shipped table is what benchmarks/clear_attention.py derived from its committed results, and each
+    case's choice is its fastest measured exact backend."""
+    import json
+    from pathlib import Path
+
+    from fastgen.attention import crossover
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/clear_attention.json").read_text())
+    want = crossover.cases_from_rows(results["rows"], results["protocol"]["text_len"])
+    assert list(crossover.load_table()) == want and want
+    for case in want:
+        assert case["median_ms"][case["best"]] == min(case["median_ms"].values())
+    picks = {crossover.CHOICES[c["best"]] for c in want}
+    assert ("reference", False) in picks and len(picks) > 1  # the measured crossovers move the choice
+
+
+def test_auto_picks_from_the_table_and_matches_the_reference(tmp_path, monkeypatch):
+    import json
+
+    from fastgen.attention import crossover
+
+    table = tmp_path / "cpu_backends.json"
+    table.write_text(json.dumps({"cases": [
+        {"grid": "4x4", "text_len": 3, "radius": 2, "tokens": 19, "ideal_flop_fraction": 0.5, "best": "reference"},
+        {"grid": "8x8", "text_len": 3, "radius": 2, "tokens": 67, "ideal_flop_fraction": 0.2, "best": "flex_tiled"},
+    ]}))
+    monkeypatch.setattr(crossover, "TABLE", table)
+    crossover.load_table.cache_clear()
+    try:
+        assert crossover.pick_cpu_backend(8, 8, 3, 2, needs_grad=False) == ("flex", True)
+        assert crossover.pick_cpu_backend(4, 4, 3, 2, needs_grad=False) == ("reference", False)
+        assert crossover.pick_cpu_backend(8, 8, 3, 2, needs_grad=True) == ("reference", False)
+        calls = []
+        real_flex = backends_mod._flex
+        monkeypatch.setattr(backends_mod, "_flex", lambda *a: calls.append(a[11]) or real_flex(*a[:13], False, *a[14:]))  # eager
+        q, k, v = qkv(1, 2, 3 + 64, 16)
+        with torch.no_grad():
+            auto = clear_attention(q, k, v, height=8, width=8, text_len=3, radius=2, backend="auto")
+            ref = clear_attention(q, k, v, height=8, width=8, text_len=3, radius=2, backend="reference")
+        assert calls == [True]  # flex, tile-permuted, as the table says
+        assert torch.allclose(auto, ref, atol=1e-5)
+    finally:
+        crossover.load_table.cache_clear()
+    monkeypatch.setattr(crossover, "TABLE", tmp_path / "missing.json")
+    assert crossover.pick_cpu_backend(128, 128, 512, 8, needs_grad=False) == ("reference", False)

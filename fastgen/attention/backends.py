@@ -12,7 +12,8 @@
 * ``triton``: the fused band-limited forward kernel of :mod:`.triton_kernel` (forward only). Native
   on CUDA; on CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 * ``auto``: on CUDA, ``triton`` for inference (no gradient needed and no ``permute``) and ``flex``
-  otherwise; on any other device ``reference``.
+  otherwise; on a CPU, ``reference`` when a gradient is needed (FlexAttention has no CPU backward) and
+  otherwise the exact backend measured fastest for the nearest shape (:mod:`.crossover`).
 """
 
 from __future__ import annotations
@@ -420,12 +421,17 @@ def triton_executed_fraction(height, width, text_len, radius, down_factor=1, *, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_auto(q, k, v, spatial_weight, permute):
+def _resolve_auto(q, k, v, spatial_weight, permute, height, width, text_len, radius):
+    """``(backend, permute)`` of ``auto``: on CUDA triton for inference, flex otherwise; on other devices the
+    fastest exact backend measured for the nearest shape (:func:`.crossover.pick_cpu_backend`)."""
     if q.device.type == "cuda":
         if not permute and not _needs_grad(q, k, v, spatial_weight) and _triton_available(q.device):
-            return "triton"
-        return "flex"
-    return "reference"
+            return "triton", permute
+        return "flex", permute
+    from .crossover import pick_cpu_backend
+
+    backend, tiled = pick_cpu_backend(height, width, text_len, radius, _needs_grad(q, k, v, spatial_weight))
+    return backend, (permute or tiled) if backend == "flex" else permute
 
 
 def clear_attention(q, k, v, *, height, width, text_len, radius, down_factor=1, spatial_weight=None,
@@ -461,7 +467,7 @@ def clear_attention(q, k, v, *, height, width, text_len, radius, down_factor=1, 
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = _resolve_auto(q, k, v, spatial_weight, permute)
+        backend, permute = _resolve_auto(q, k, v, spatial_weight, permute, height, width, text_len, radius)
     if backend == "triton" and permute:
         raise ConfigError(
             "CLEAR attention: permute=True is not supported by the triton backend (its KV loop walks raster "

@@ -476,8 +476,8 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
 
     Extra config entries: ``clear_radius`` (window radius in tokens), ``clear_down_factor`` (pooled
     KV factor; ``>= 2`` adds learnable ``spatial_weight`` tensors, stored as
-    ``...attn.processor.spatial_weight``), ``clear_backend`` (``"auto"``: the reference kernel on CPU,
-    triton for inference / flex for training on CUDA), ``clear_text_len`` (only for processor calls
+    ``...attn.processor.spatial_weight``), ``clear_backend`` (``"auto"``: on CPU the reference kernel for training and the
+    measured-fastest exact kernel for inference, triton for inference / flex for training on CUDA), ``clear_text_len`` (only for processor calls
     outside :meth:`forward`). The forward reads the token grid from ``img_ids``.
     """
 
