@@ -136,6 +136,29 @@ def test_bench_run_writes_quality_speed_and_plots_with_protocol(tiny_sd, tmp_pat
     assert again["digits_fid"] == q["rows"][2]["digits_fid"]
 
 
+def test_only_re_measures_some_rows_and_keeps_the_others(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "results"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({"name": "two", "samples": 12, "seed": 3, "batch_size": 12, "pipelines": [
+        {"label": "teacher", "folder": str(tiny_sd), "steps": [4], "guidance": 3, "height": 32},
+        {"label": "student", "folder": str(tiny_sd), "steps": [1, 2], "guidance": 1, "height": 32}]}))
+    assert main(["bench", "quality", str(suite), "--out", str(out)]) == 0
+    first = json.loads((out / "two.json").read_text())
+    assert main(["bench", "quality", str(suite), "--out", str(out), "only=student", "pipelines.1.guidance=2"]) == 0
+    merged = json.loads((out / "two.json").read_text())
+    assert [(r["method"], r["steps"]) for r in merged["rows"]] == [("teacher", 4), ("student", 1), ("student", 2)]
+    assert merged["rows"][0] == first["rows"][0]  # kept as measured
+    assert [r["guidance"] for r in merged["rows"][1:]] == [2, 2] and merged["rows"][2] != first["rows"][2]
+    assert merged["protocol"]["merged"] == "re-measured: student"
+    assert set(merged["protocol"]["pipelines"]) == {"teacher", "student"}
+    capsys.readouterr()
+    assert main(["bench", "quality", str(suite), "--out", str(out), "only=student", "seed=4"]) != 0
+    assert "the protocol differs in ['seed']" in capsys.readouterr().err
+    assert main(["bench", "quality", str(suite), "--out", str(out), "only=nobody"]) != 0
+    assert "only=['nobody'] names no pipeline" in capsys.readouterr().err
+    assert json.loads((out / "two.json").read_text()) == merged  # refused runs leave the results as they were
+
+
 def test_recipe_pipelines_are_trained_once_then_reused(tmp_path, monkeypatch, tiny_sd):
     from fastgen.workflows import bench
 

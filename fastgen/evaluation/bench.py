@@ -93,15 +93,23 @@ class Suite:
     grids: int = 0  # save the first N images of every (pipeline, steps) as a grid
     plot_columns: list[str] = field(default_factory=list)  # quality-vs-steps plots (default: the primary metric)
     progress: bool = True  # progress bars on stderr while sampling and scoring (progress=false: none)
+    #: quality only: re-measure just these pipeline labels and keep the other rows of the existing results
+    #: (same protocol required), e.g. ``only=dit-teacher,clear`` after retraining those
+    only: list[str] | str = field(default_factory=list)
 
     def __post_init__(self):
         if not self.pipelines:
             raise ConfigError(f"suite {self.name!r} needs a non-empty 'pipelines' list")
         if isinstance(self.metrics, str):
             self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        if isinstance(self.only, str):
+            self.only = [m.strip() for m in self.only.split(",") if m.strip()]
         labels = [p.label for p in self.pipelines]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"suite {self.name!r}: pipeline labels must be unique, got {labels}")
+        unknown = [o for o in self.only if o not in labels]
+        if unknown:
+            raise ConfigError(f"suite {self.name!r}: only={unknown} names no pipeline; labels are {', '.join(labels)}")
 
     @property
     def display_title(self) -> str:
@@ -112,15 +120,18 @@ class Suite:
 # Pipelines
 
 
-ALIAS_DEFAULTS = {  # sampling defaults of the shipped digits teachers
-    "digits-sd": {"guidance": 3.0, "height": 32},
-    "digits-unet": {"guidance": 3.0, "height": 32},
-    # FluxPipeline runs true CFG only with true_cfg_scale > 1 and a negative prompt; its CLIP "T5" slot takes 16 tokens
-    "digits-flux": {"guidance": 1.0, "height": 64, "negative_prompt": "",
-                    "call_kwargs": {"true_cfg_scale": 4.0, "max_sequence_length": 16}},
-    "digits-dit": {"guidance": 1.0, "height": 64, "negative_prompt": "",
-                   "call_kwargs": {"true_cfg_scale": 4.0, "max_sequence_length": 16}},
-}
+def _alias_defaults() -> dict:
+    """Sampling defaults of the shipped digits teachers (the facts of :mod:`fastgen.zoo.paths`). FluxPipeline runs
+    true CFG only with ``true_cfg_scale > 1`` and a negative prompt."""
+    from fastgen.zoo import paths as zp
+
+    unet = {"guidance": float(zp.UNET_GUIDANCE), "height": int(zp.UNET_RESOLUTION)}
+    dit = {"guidance": 1.0, "height": int(zp.DIT_RESOLUTION), "negative_prompt": "",
+           "call_kwargs": {"true_cfg_scale": float(zp.DIT_GUIDANCE), "max_sequence_length": int(zp.DIT_MAX_SEQUENCE_LENGTH)}}
+    return {"digits-sd": unet, "digits-unet": unet, "digits-flux": dit, "digits-dit": dit}
+
+
+ALIAS_DEFAULTS = _alias_defaults()
 
 
 @dataclass
@@ -188,7 +199,9 @@ def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed:
                     progress: bool = True, desc: str | None = None, **kwargs) -> torch.Tensor:
     """Images in [0,1] ``[N,3,H,W]`` from any stock text-to-image pipeline; the batch starting at prompt
     ``i`` uses ``torch.Generator().manual_seed(seed + i)``, so every pipeline sees the same noise seeds
-    (the in-training evaluation, :class:`fastgen.evaluation.training.TrainingEvaluator`, seeds alike).
+    (the in-training evaluation, :class:`fastgen.evaluation.training.TrainingEvaluator`, seeds alike). torch's
+    global generator is seeded with the same value before each batch, for schedulers that draw from it
+    (``FlowMatchLCMScheduler`` re-noises without the pipeline's generator).
 
     ``progress``: a bar on stderr (images done / total, images/s; it moves with the denoising steps
     within a batch, :class:`fastgen.pipelines.sampling.ImageProgress`) named ``desc``."""
@@ -199,6 +212,7 @@ def sample_pipeline(pipe, prompts: list[str], steps: int, guidance: float, seed:
     with ImageProgress(len(prompts), desc or f"sampling {steps} steps", enabled=progress) as bar:
         for i in range(0, len(prompts), batch_size):
             gen = torch.Generator().manual_seed(seed + i)
+            torch.manual_seed(seed + i)
             chunk = prompts[i : i + batch_size]
             kw = {**bar.call_kwargs(pipe, len(chunk), steps), **kwargs}
             if height:
@@ -542,6 +556,32 @@ def measure_quality(suite: Suite, resolve: Resolver | None = None, log=print, pr
     }
     return {"rows": rows, "columns": ["method", "steps", "guidance", *columns, "samples", "seconds"],
             "protocol": protocol, "_grids": grids, "_plot_columns": list(suite.plot_columns)}
+
+
+#: protocol entries that must agree for rows of two quality runs to share one table
+MERGE_KEYS = ("suite", "prompts", "seed", "seeding", "batch_size", "metrics")
+
+
+def merge_quality(old: dict, new: dict, labels: list[str], order: list[str]) -> dict:
+    """``new``'s rows for ``labels`` in place of ``old``'s, the other rows of ``old`` kept, in the suite's ``order``.
+
+    The two runs must share the protocol (:data:`MERGE_KEYS`; the digits metric's reference and floor included);
+    each pipeline records the commit its rows were measured at.
+    """
+    po, pn = old.get("protocol", {}), new["protocol"]
+    differs = [k for k in MERGE_KEYS if json.dumps(po.get(k), sort_keys=True, default=str) != json.dumps(pn.get(k), sort_keys=True, default=str)]
+    if differs:
+        raise ConfigError(f"cannot keep the earlier rows: the protocol differs in {differs}; run the whole suite (without only=)")
+    rank = {label: i for i, label in enumerate(order)}
+    rows = [r for r in old.get("rows", []) if r["method"] not in labels and r["method"] in rank] + list(new["rows"])
+    rows.sort(key=lambda r: (rank[r["method"]], r["steps"]))
+    pipelines = {}
+    for label in order:
+        src = pn["pipelines"] if label in labels else po.get("pipelines", {})
+        if label in src:
+            commit = pn.get("fastgen_commit") if label in labels else src[label].get("measured_at", po.get("fastgen_commit"))
+            pipelines[label] = {**src[label], "measured_at": commit}
+    return {**new, "rows": rows, "protocol": {**pn, "pipelines": pipelines, "merged": f"re-measured: {', '.join(labels)}"}}
 
 
 def _device(spec: SpeedSpec) -> str:

@@ -27,6 +27,7 @@ from fastgen.evaluation.bench import (
     Suite,
     measure_quality,
     measure_speed,
+    merge_quality,
     plot_quality_vs_latency,
     read_json,
     resolve_folder,
@@ -250,7 +251,22 @@ def bench_quality(suite: Suite, out_dir: str | Path, log=print) -> list[Path]:
     """:func:`run_quality`, then ``<out>/<suite>.json/.md`` and the plots; with a speed result of the suite
     already in ``out_dir`` (``bench speed`` ran first), also the quality-vs-latency scatter."""
     out_dir = Path(out_dir)
-    result = run_quality(suite, log)
+    if suite.only:  # re-measure some rows, keep the others of the existing results
+        old = read_json(out_dir / f"{suite.name}.json")
+        if old is None:
+            raise ConfigError(f"only={suite.only}: no earlier {out_dir / (suite.name + '.json')} to keep the other rows of; "
+                              "run the whole suite first")
+        proto = old.get("protocol", {})
+        cheap = {"suite": suite.name, "seed": suite.seed, "batch_size": suite.batch_size}
+        differs = [k for k, v in cheap.items() if proto.get(k) != v]
+        if differs:  # before sampling anything
+            raise ConfigError(f"cannot keep the earlier rows: the protocol differs in {differs}; run the whole suite "
+                              "(without only=)")
+        order = [p.label for p in suite.pipelines]
+        part = dataclasses.replace(suite, pipelines=[p for p in suite.pipelines if p.label in suite.only])
+        result = merge_quality(old, run_quality(part, log), list(suite.only), order)
+    else:
+        result = run_quality(suite, log)
     files = write_quality_report(result, out_dir, suite.name, suite.display_title)
     speed = read_json(out_dir / f"{(suite.speed.name if suite.speed else 'sampling_speed')}.json")
     if speed:
