@@ -479,19 +479,20 @@ def test_digits_dit_defaults():
         paths.flux_teacher()
     except Exception:
         pytest.skip("digits DiT artefact not built")
-    with pytest.warns(UserWarning, match="align_every=4 selects no single-stream block"):
-        m = build_method(Clear, eval_samples=0)
-    assert m.is_digits_world() and m.grid == (16, 16) and m.max_sequence_length == 16 and m.resolution == 64
-    assert m.guidance_mode == "true_cfg" and m.guidance == 4.0
+    m = build_method(Clear, eval_samples=0, radius=2)
+    assert m.is_digits_world() and m.grid == (8, 8) and m.resolution == paths.DIT_RESOLUTION == 32
+    assert m.max_sequence_length == paths.DIT_MAX_SEQUENCE_LENGTH
+    assert m.guidance_mode == "true_cfg" and m.guidance == paths.DIT_GUIDANCE
     kw = m.pipeline_kwargs(3)
-    assert kw["true_cfg_scale"] == 4.0 and kw["negative_prompt"] == [""] * 3 and kw["guidance_scale"] == 1.0
+    assert kw["true_cfg_scale"] == paths.DIT_GUIDANCE and kw["negative_prompt"] == [""] * 3 and kw["guidance_scale"] == 1.0
     info = m.attention_info()
-    assert info["window_tokens"] == 45 and info["window_fraction"] == round(45 / 256, 6) and 45 / 256 <= 0.25
-    # 2 double + 2 single blocks: with align_every=4 no single block has an index divisible by 4
-    assert m.aligned == [] and aligned_processor_names(list(m.student.attn_processors), 2) == ["single_transformer_blocks.0.attn.processor"]
+    assert info["window_tokens"] == 9 and info["window_fraction"] == round(9 / 64, 6) and 9 / 64 <= 0.25
+    # 3 double + 6 single blocks (processor indices 0..8): align_every=4 aligns indices 4 and 8
+    assert m.aligned == aligned_processor_names(list(m.student.attn_processors), 4) == [
+        "single_transformer_blocks.1.attn.processor", "single_transformer_blocks.5.attn.processor"]
 
 
-@pytest.mark.parametrize("name", ["clear-digits", "clear-flux-dev"])
+@pytest.mark.parametrize("name", ["clear-digits", "clear-digits-r1", "clear-flux-dev"])
 def test_recipes_parse(name):
     from fastgen.config import config_from_dict
     from fastgen.trainers.engine.run import load_run_config

@@ -192,3 +192,18 @@ def test_unsupported_combinations_are_clear_errors(flux):
         make(flux["plain"], lora=True)
     with pytest.raises(ConfigError, match="SCott distils sd / sdxl"):
         build_method(SCott, teacher=str(flux["plain"]), resolution=RES)
+
+
+@pytest.mark.parametrize("name", ["lcd-flux-digits", "lcd-flux-dev"])
+def test_flow_recipes_parse_and_their_schedules_lie_on_the_grid(name):
+    from pathlib import Path
+
+    from fastgen.trainers.engine.run import load_run_config
+
+    run_cfg, cls = load_run_config(Path(__file__).resolve().parents[1] / "fastgen" / "recipes" / f"{name}.yaml")
+    assert cls is LCD and not run_cfg.lcd.lora
+    n = run_cfg.lcd.num_ddim_timesteps
+    assert all(n % steps == 0 for steps in (1, 2, 4)), "the 1/2/4-step schedules must lie on the training grid"
+    assert run_cfg.lcd.w_min <= run_cfg.sample.guidance_scale - 1 <= run_cfg.lcd.w_max  # sampled inside the trained range
+    if name == "lcd-flux-dev":
+        assert run_cfg.teacher.resolution == 1024 and run_cfg.teacher.max_sequence_length == 512

@@ -66,7 +66,8 @@ class SpeedSpec:
     device: str = "auto"
     dtype: str = "fp32"
     scopes: list[str] = field(default_factory=lambda: ["end_to_end", "network"])
-    ratio: list[str] | None = None  # ["teacher@50", "lcd@4"]: numerator / denominator
+    ratio: list[str] | None = None  # ["teacher@50", "lcd@4"]: numerator / denominator (with a breakdown)
+    ratios: list[list[str]] = field(default_factory=list)  # further [numerator, denominator] pairs
 
 
 @dataclass
@@ -173,6 +174,8 @@ def resolve_folder(spec: PipelineSpec, folder: str | Path | None = None) -> Reso
         defaults.setdefault("guidance", float(info["guidance_scale"]))
     if info.get("resolution"):
         defaults.setdefault("height", int(info["resolution"]))
+    if info.get("max_sequence_length"):  # the T5 length the export was distilled with (the stock default is 512)
+        defaults["call_kwargs"] = {"max_sequence_length": int(info["max_sequence_length"]), **defaults.get("call_kwargs", {})}
     for key in ("guidance", "height", "negative_prompt"):
         if getattr(spec, key) is not None:
             defaults[key] = getattr(spec, key)
@@ -649,11 +652,14 @@ def measure_speed(suite: Suite, resolve: Resolver | None = None, log=print) -> d
             rows.extend(time_all(p.label))
         del pipe
     ratios, breakdown = {}, {}
-    if spec.ratio:
-        num, den = (_parse_point(x) for x in spec.ratio)
+    for i, pair in enumerate(([spec.ratio] if spec.ratio else []) + [list(r) for r in spec.ratios]):
+        if len(pair) != 2:
+            raise ConfigError(f"speed.ratios: each entry is [numerator, denominator] such as ['teacher@50', 'lcd@4'], got {pair}")
+        num, den = (_parse_point(x) for x in pair)
         for scope in spec.scopes:
             ratios[f"{num[0]}@{num[1]} / {den[0]}@{den[1]} ({scope})"] = round(speed_ratio(rows, num, den, scope=scope), 3)
-        breakdown = ratio_breakdown(rows, num, den)
+        if i == 0 and spec.ratio:
+            breakdown = ratio_breakdown(rows, num, den)
     protocol = {"suite": suite.name, **asdict(spec), "device": device, **versions(), "fastgen_commit": git_commit(),
                 "pipelines": pipelines, "cpu": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads()}

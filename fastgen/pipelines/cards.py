@@ -100,7 +100,8 @@ def _flow_consistency_card(info: dict[str, Any]) -> dict[str, Any]:
         'pipe = DiffusionPipeline.from_pretrained("<this folder>")\n'
         "torch.manual_seed(0)  # FlowMatchLCMScheduler re-noises from torch's global generator\n"
         f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g:g}, height={res}, width={res}, '
-        "generator=torch.Generator().manual_seed(0)).images[0]"
+        + (f'max_sequence_length={info["max_sequence_length"]}, ' if info.get("max_sequence_length") else "")
+        + "generator=torch.Generator().manual_seed(0)).images[0]"
     )
     guidance = (
         "The transformer embeds the guidance scale (`guidance_embeds`, as FLUX.1-dev); no unconditional pass runs. "

@@ -86,6 +86,8 @@ def student_export_plan(student: Any, method: str, config: dict[str, Any], steps
             "teacher_path": os.fspath(Path(loaded.path).resolve()), "teacher_pipeline_class": teacher.pipeline_class,
             "prediction_type": teacher.prediction_type, "resolution": student.resolution, "num_inference_steps": steps,
             "guidance_scale": guidance_scale, "config": config, **(extra or {})}
+    if student.flow and teacher.max_sequence_length is not None:
+        info["max_sequence_length"] = int(teacher.max_sequence_length)  # the T5 length it was distilled with
     if student.lora is not None:
         return consistency_export_plan(teacher.pipeline(), student.cfg, info, lora_weights=student.lora.state_dict(),
                                        lora_metadata=student.lora.adapter_metadata())

@@ -4,11 +4,14 @@ Stages, each resumable (a finished stage's output in the work folder is reused):
 
 1. ``tokenizer``    CLIP-style byte-level BPE trained on the caption vocabulary.
 2. ``text_encoder`` tiny ``CLIPTextModel`` trained to recognise digit and colour from its pooled output.
-3. ``classifier``   the digits classifier (training split only).
-4. ``vae``          ``AutoencoderKL`` 32x32x3 -> 8x8x4 for the UNet world.
-5. ``vae_f2``       ``AutoencoderKL`` with factor 2 for the DiT world (64x64x3 -> 32x32x4, 256 Flux tokens).
-6. ``unet``         SD-style ``UNet2DConditionModel`` teacher: eps, scaled-linear 1000 steps, 10% caption dropout.
-7. ``dit``          ``FluxTransformer2DModel`` teacher: flow matching, 10% caption dropout.
+3. ``t5_tokenizer`` T5-layout unigram tokenizer (:mod:`fastgen.zoo.t5`).
+4. ``t5_encoder``   tiny ``T5EncoderModel`` (FLUX's second text tower), robust to the padded length.
+5. ``classifier``   the digits classifier (training split only).
+6. ``vae``          ``AutoencoderKL`` 32x32x3 -> 8x8x4 for the UNet world.
+7. ``vae_f2``       ``AutoencoderKL`` with factor 2 for the DiT world (32x32x3 -> 16x16x4, 64 Flux tokens).
+8. ``unet``         SD-style ``UNet2DConditionModel`` teacher: eps, scaled-linear 1000 steps, 10% caption dropout.
+9. ``dit``          ``FluxTransformer2DModel`` teacher: flow matching, 10% caption dropout; checkpoints and
+                    resumes within the stage.
 
 Finally the two teachers are assembled as stock diffusers pipeline folders
 (``StableDiffusionPipeline`` and ``FluxPipeline``) plus the classifier folder under the output
@@ -37,23 +40,25 @@ from fastgen.zoo.paths import (  # noqa: F401
     DIT_GUIDANCE,
     DIT_MAX_SEQUENCE_LENGTH,
     DIT_RESOLUTION,
+    DIT_TRAIN_TEXT_LENGTHS,
     UNET_GUIDANCE,
     UNET_RESOLUTION,
 )
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("tokenizer", "text_encoder", "classifier", "vae", "vae_f2", "unet", "dit")
+STAGES = ("tokenizer", "text_encoder", "t5_tokenizer", "t5_encoder", "classifier", "vae", "vae_f2", "unet", "dit")
 
 
 @dataclass
 class StageSteps:
     text_encoder: int = 400
+    t5_encoder: int = 600
     classifier: int = 700
     vae: int = 1000
-    vae_f2: int = 1000
+    vae_f2: int = 1500
     unet: int = 1200
-    dit: int = 3000
+    dit: int = 4000
 
 
 @dataclass
@@ -67,12 +72,16 @@ class BuildConfig:
     dit_batch: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
+    dit_lr: float = 5e-4
+    dit_ema_decay: float = 0.999
+    #: the DiT stage saves a resumable checkpoint every this many steps
+    dit_checkpoint_every: int = 250
     #: teacher stages whose learning rate decays (cosine, to 10%) after warm-up instead of staying constant
     cosine_decay: list[str] = field(default_factory=lambda: ["dit"])
 
     def __post_init__(self):
         if self.quick:
-            self.steps = StageSteps(text_encoder=5, classifier=5, vae=5, vae_f2=5, unet=5, dit=5)
+            self.steps = StageSteps(text_encoder=5, t5_encoder=5, classifier=5, vae=5, vae_f2=5, unet=5, dit=5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,12 +425,15 @@ def build_unet(out: Path, vae, tokenizer, text_encoder, cfg: BuildConfig):
 # stage 7: DiT (Flux) teacher
 
 
-def make_flux(text_dim: int = 64):
+def make_flux(text_dim: int = 64, pooled_dim: int = 64):
+    """The DiT teacher: 3 double-stream + 6 single-stream blocks, width 128 (4 heads of 32), about 3.4 M
+    parameters; text from the T5 tower (``text_dim``) and the CLIP pooled output (``pooled_dim``)."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=text_dim, pooled_projection_dim=text_dim, guidance_embeds=False, axes_dims_rope=[4, 6, 6],
+        patch_size=1, in_channels=16, num_layers=3, num_single_layers=6, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=False,
+        axes_dims_rope=[8, 12, 12],
     )
 
 
@@ -444,23 +456,72 @@ def flux_image_ids(h: int, w: int) -> torch.Tensor:
     return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
 
 
-def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
+@torch.no_grad()
+def _t5_table(tokenizer, encoder, captions: list[str], lengths) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """T5 hidden states of every distinct caption plus the empty prompt (last row), at each padded length,
+    encoded exactly as FluxPipeline encodes them (no attention mask)."""
+    unique = sorted(set(captions)) + [""]
+    index = {c: i for i, c in enumerate(unique)}
+    table = {int(n): encoder(_tokenize(tokenizer, unique, int(n)))[0] for n in lengths}
+    return table, torch.tensor([index[c] for c in captions])
+
+
+def _save_dit_checkpoint(path: Path, step: int, model, ema, opt, sched, gen: torch.Generator, losses) -> None:
+    """The DiT stage's resumable state (a complete old or new folder at every moment)."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                    "ema_updates": ema.num_updates}, tmp / "state.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+
+
+def _load_dit_checkpoint(path: Path, model, ema, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    ema.shadow = {k: v for k, v in load_file(str(path / "ema.safetensors")).items()}
+    state = torch.load(path / "state.pt", weights_only=True)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    ema.num_updates = int(state["ema_updates"])
+    progress = json.loads((path / "progress.json").read_text())
+    return int(progress["step"]), list(progress["losses"])
+
+
+def build_dit(out: Path, vae_f2, tokenizer, text_encoder, t5_tokenizer, t5_encoder, cfg: BuildConfig):
+    """The FluxTransformer teacher, trained by flow matching (logit-normal sigmas, 10% caption dropout).
+
+    The T5 text is padded to a random length from :data:`DIT_TRAIN_TEXT_LENGTHS` each step (FluxPipeline
+    pads to ``max_sequence_length`` and passes the pads on), so that the number of pads is not a signal.
+    The stage checkpoints every ``cfg.dit_checkpoint_every`` steps next to ``out`` and resumes from there.
+    """
     gen = _seed(cfg.seed + 7)
     latents, captions = _encode_latents(vae_f2, DIT_RESOLUTION, 256 if cfg.quick else None)
-    packed = flux_pack(latents)  # [N, 256, 16]
-    hidden_full, pooled, cap_idx = _caption_table(tokenizer, text_encoder, captions, 77)
-    hidden, _, _ = _caption_table(tokenizer, text_encoder, captions, DIT_MAX_SEQUENCE_LENGTH)
-    empty = len(hidden) - 1
+    packed = flux_pack(latents)  # [N, 64, 16]
+    _, pooled, cap_idx = _caption_table(tokenizer, text_encoder, captions, 77)
+    t5_hidden, t5_idx = _t5_table(t5_tokenizer, t5_encoder, captions, DIT_TRAIN_TEXT_LENGTHS)
+    if not torch.equal(cap_idx, t5_idx):
+        raise RuntimeError("caption tables disagree")  # both sort the same captions
+    empty = len(pooled) - 1
     img_ids = flux_image_ids(latents.shape[-2], latents.shape[-1])
-    txt_ids = torch.zeros(DIT_MAX_SEQUENCE_LENGTH, 3)
     schedule = NoiseSchedule.from_scheduler_config(make_flow_scheduler())
-    model = make_flux(text_encoder.config.hidden_size)
-    ema = teacher_ema(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.dit, "dit" in cfg.cosine_decay))
+    model = make_flux(t5_encoder.config.d_model, text_encoder.config.hidden_size)
+    ema = teacher_ema(model, cfg.dit_ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.dit, "dit" in cfg.cosine_decay, 100))
+    ckpt = out.parent / f"{out.name}.checkpoint"
+    start, losses = (0, [])
+    if ckpt.exists():
+        start, losses = _load_dit_checkpoint(ckpt, model, ema, opt, sched, gen)
+        logger.info("resuming the DiT stage at step %d from %s", start, ckpt)
     model.train()
-    losses = []
-    for step in tqdm(range(cfg.steps.dit), desc="dit teacher", mininterval=5):
+    bar = tqdm(range(start, cfg.steps.dit), desc="dit teacher", mininterval=5, initial=start, total=cfg.steps.dit)
+    for step in bar:
+        length = DIT_TRAIN_TEXT_LENGTHS[int(torch.randint(0, len(DIT_TRAIN_TEXT_LENGTHS), (1,), generator=gen))]
         idx = torch.randint(0, len(packed), (cfg.dit_batch,), generator=gen)
         x0 = packed[idx]
         c = cap_idx[idx].clone()
@@ -469,20 +530,26 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, cfg: BuildConfig):
         eps = torch.randn(x0.shape, generator=gen)
         x_t, target = _noised_and_target(schedule, x0, eps, sigma)
         pred = model(
-            hidden_states=x_t, timestep=sigma, pooled_projections=pooled[c], encoder_hidden_states=hidden[c],
-            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            hidden_states=x_t, timestep=sigma, pooled_projections=pooled[c], encoder_hidden_states=t5_hidden[length][c],
+            txt_ids=torch.zeros(length, 3), img_ids=img_ids, return_dict=False,
         )[0]
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        warm.step()
+        sched.step()
         ema.update()
-        losses.append(float(loss.detach()))
+        losses.append(round(float(loss.detach()), 5))
+        if (step + 1) % cfg.dit_checkpoint_every == 0 and step + 1 < cfg.steps.dit:
+            _save_dit_checkpoint(ckpt, step + 1, model, ema, opt, sched, gen, losses)
     ema.copy_to(model)
     model.eval()
     _save_folder(model, out)
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
     tail = losses[-50:] or [float("nan")]
     return model, {"final_loss": sum(tail) / len(tail)}
 
@@ -502,7 +569,7 @@ def assemble_pipelines(out_dir: Path, parts: dict) -> None:
     _save_folder(sd, out_dir / "sd-digits", safe_serialization=True)
     flux = FluxPipeline(
         scheduler=make_flow_scheduler(), vae=parts["vae_f2"], text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder"], tokenizer_2=parts["tokenizer"],
+        tokenizer=parts["tokenizer"], text_encoder_2=parts["t5_encoder"], tokenizer_2=parts["t5_tokenizer"],
         transformer=parts["dit"],
     )
     _save_folder(flux, out_dir / "flux-digits", safe_serialization=True)
@@ -513,7 +580,9 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
     """Run every stage not yet done in the work folder (and those named in ``rebuild``), then
     assemble the pipeline folders into ``cfg.out_dir``."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from fastgen.zoo import t5
 
     from fastgen.zoo.classifier import DigitsClassifier
     from fastgen.zoo.paths import artifacts_dir
@@ -554,6 +623,12 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
         CLIPTextModel.from_pretrained,
     )
     parts["text_encoder"].requires_grad_(False).eval()
+    parts["t5_tokenizer"] = run("t5_tokenizer", t5.build_t5_tokenizer, T5TokenizerFast.from_pretrained)
+    parts["t5_encoder"] = run(
+        "t5_encoder", lambda p: t5.build_t5_encoder(p, parts["t5_tokenizer"], steps.t5_encoder, cfg.seed + 8),
+        T5EncoderModel.from_pretrained,
+    )
+    parts["t5_encoder"].requires_grad_(False).eval()
     parts["classifier"] = run(
         "classifier", lambda p: build_classifier(p, steps.classifier, cfg.seed + 3), DigitsClassifier.from_pretrained
     )
@@ -562,7 +637,7 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
     )
     parts["vae"].requires_grad_(False).eval()
     parts["vae_f2"] = run(
-        "vae_f2", lambda p: build_vae(p, 2, DIT_RESOLUTION, steps.vae_f2, cfg.seed + 5, crop=32),
+        "vae_f2", lambda p: build_vae(p, 2, DIT_RESOLUTION, steps.vae_f2, cfg.seed + 5),
         AutoencoderKL.from_pretrained,
     )
     parts["vae_f2"].requires_grad_(False).eval()
@@ -571,7 +646,8 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
         UNet2DConditionModel.from_pretrained,
     )
     parts["dit"] = run(
-        "dit", lambda p: build_dit(p, parts["vae_f2"], parts["tokenizer"], parts["text_encoder"], cfg),
+        "dit", lambda p: build_dit(p, parts["vae_f2"], parts["tokenizer"], parts["text_encoder"], parts["t5_tokenizer"],
+                                   parts["t5_encoder"], cfg),
         FluxTransformer2DModel.from_pretrained,
     )
     assemble_pipelines(out_dir, parts)

@@ -12,10 +12,13 @@ CLASSIFIER = "classifier"
 
 #: Image size (pixels, square) of the UNet (Stable Diffusion layout) teacher's world.
 UNET_RESOLUTION = 32
-#: Image size (pixels, square) of the DiT (Flux layout) teacher's world.
-DIT_RESOLUTION = 64
-#: Text tokens the DiT teacher was trained with (FluxPipeline's ``max_sequence_length``).
-DIT_MAX_SEQUENCE_LENGTH = 16
+#: Image size (pixels, square) of the DiT (Flux layout) teacher's world: 32 px through the factor-2 VAE
+#: is a 16x16 latent, packed by FluxPipeline into an 8x8 grid of 64 image tokens.
+DIT_RESOLUTION = 32
+#: Padded T5 lengths the DiT teacher was trained on (a random one per step).
+DIT_TRAIN_TEXT_LENGTHS = (16, 32, 64)
+#: T5 text length the digits protocol samples the DiT teacher with (FluxPipeline's ``max_sequence_length``).
+DIT_MAX_SEQUENCE_LENGTH = 32
 #: Classifier-free guidance scale the UNet teacher is sampled with.
 UNET_GUIDANCE = 3.0
 #: Classifier-free guidance scale the DiT teacher is sampled with (``true_cfg_scale``).
