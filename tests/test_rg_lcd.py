@@ -72,6 +72,22 @@ def test_direct_loss_is_lcd_minus_beta_reward_and_its_gradient_reaches_the_stude
     assert set(m1.parameter_groups()) == {"student"} and m1.optimizers_to_step(0) == ["student"]
 
 
+def test_direct_mode_on_a_flow_teacher(tmp_path):
+    """RG-LCD composes LCD, so a flow-matching (Flux) teacher trains with the reward on the decoded x - sigma v."""
+    from tiny_models import make_tiny_flux
+
+    folder = make_tiny_flux(tmp_path / "flux")
+    m0, m1 = (build_method(RGLCD, teacher=str(folder), resolution=32, w_min=1.0, w_max=3.0, mode="direct", reward_scale=r,
+                           sections={"teacher": {"max_sequence_length": 16}}) for r in (0.0, 2.0))
+    assert m1.nets.flow
+    b = batch(m0, 2)
+    out0, out1 = _step(m0, b), _step(m1, b)
+    assert out0.logs["lcd_loss"] == pytest.approx(out1.logs["lcd_loss"], rel=1e-5)
+    assert out1.logs["loss"] == pytest.approx(out1.logs["lcd_loss"] - 2.0 * out1.logs["reward"], rel=1e-5, abs=1e-6)
+    out1.losses["student"].backward()
+    assert m1.nets.student.time_text_embed.guidance_embedder.linear_2.weight.grad.abs().sum() > 0
+
+
 def test_prompt_list_shorter_than_the_batch_is_an_error(teacher):
     m = make(teacher)
     b = batch(m)
