@@ -52,7 +52,7 @@ class DigitsEvaluator:
 
     The digits-FID goes through :class:`fastgen.evaluation.fid.FID` with the classifier's 64-d
     penultimate features as backend: images are quantised to 8 bits, box-resized to 32 px (a no-op
-    for the UNet world, a 2x area reduction for the 64 px DiT world), and the reference statistics
+    for both shipped teachers, which draw 32 px images; larger images are area-reduced), and the reference statistics
     of the held-out split are cached like any other FID reference.
     """
 

@@ -141,7 +141,7 @@ class Clear(Method):
     @property
     def guidance(self) -> float:
         """Guidance of the teacher's data and the student's samples: ``sample.guidance_scale``, else the
-        teacher's default (true CFG 4 for the digits DiT, embedded 3.5 when guidance-distilled, else 1)."""
+        teacher's default (the digits DiT's true CFG scale, embedded 3.5 when guidance-distilled, else 1)."""
         if self.sample_config.guidance_scale is not None:
             return float(self.sample_config.guidance_scale)
         if self.guidance_mode == "embedded":

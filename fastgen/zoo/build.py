@@ -76,10 +76,14 @@ class BuildConfig:
     dit_ema_decay: float = 0.999
     #: the DiT stage saves a resumable checkpoint every this many steps
     dit_checkpoint_every: int = 250
+    #: dtype of the shipped DiT transformer's weights (float16 halves them; diffusers loads them as float32)
+    dit_storage_dtype: str = "float16"
     #: teacher stages whose learning rate decays (cosine, to 10%) after warm-up instead of staying constant
     cosine_decay: list[str] = field(default_factory=lambda: ["dit"])
 
     def __post_init__(self):
+        if self.dit_storage_dtype not in ("float32", "float16"):
+            raise ValueError(f"dit_storage_dtype must be float32 or float16, got {self.dit_storage_dtype!r}")
         if self.quick:
             self.steps = StageSteps(text_encoder=5, t5_encoder=5, classifier=5, vae=5, vae_f2=5, unet=5, dit=5)
 
@@ -466,7 +470,8 @@ def _t5_table(tokenizer, encoder, captions: list[str], lengths) -> tuple[dict[in
     return table, torch.tensor([index[c] for c in captions])
 
 
-def _save_dit_checkpoint(path: Path, step: int, model, ema, opt, sched, gen: torch.Generator, losses) -> None:
+def _save_dit_checkpoint(path: Path, step: int, model, ema, opt, sched, gen: torch.Generator, losses,
+                         seconds: float) -> None:
     """The DiT stage's resumable state (a complete old or new folder at every moment)."""
     from safetensors.torch import save_file
 
@@ -475,21 +480,22 @@ def _save_dit_checkpoint(path: Path, step: int, model, ema, opt, sched, gen: tor
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
                     "ema_updates": ema.num_updates}, tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "seconds": seconds}))
 
 
-def _load_dit_checkpoint(path: Path, model, ema, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
+def _load_dit_checkpoint(path: Path, model, ema, opt, sched, gen: torch.Generator) -> tuple[int, list[float], float]:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path / "model.safetensors")))
-    ema.shadow = {k: v for k, v in load_file(str(path / "ema.safetensors")).items()}
+    shadow = load_file(str(path / "ema.safetensors"))
+    ema.shadow = {n: shadow[n] for n in ema.names}  # the EMA pairs shadow and parameters by order
     state = torch.load(path / "state.pt", weights_only=True)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     gen.set_state(state["gen"])
     ema.num_updates = int(state["ema_updates"])
     progress = json.loads((path / "progress.json").read_text())
-    return int(progress["step"]), list(progress["losses"])
+    return int(progress["step"]), list(progress["losses"]), float(progress.get("seconds", 0.0))
 
 
 def build_dit(out: Path, vae_f2, tokenizer, text_encoder, t5_tokenizer, t5_encoder, cfg: BuildConfig):
@@ -514,9 +520,10 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, t5_tokenizer, t5_encod
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _teacher_lr_lambda(cfg.steps.dit, "dit" in cfg.cosine_decay, 100))
     ckpt = out.parent / f"{out.name}.checkpoint"
-    start, losses = (0, [])
+    start, losses, before = (0, [], 0.0)
+    t0 = time.time()
     if ckpt.exists():
-        start, losses = _load_dit_checkpoint(ckpt, model, ema, opt, sched, gen)
+        start, losses, before = _load_dit_checkpoint(ckpt, model, ema, opt, sched, gen)
         logger.info("resuming the DiT stage at step %d from %s", start, ckpt)
     model.train()
     bar = tqdm(range(start, cfg.steps.dit), desc="dit teacher", mininterval=5, initial=start, total=cfg.steps.dit)
@@ -542,7 +549,7 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, t5_tokenizer, t5_encod
         ema.update()
         losses.append(round(float(loss.detach()), 5))
         if (step + 1) % cfg.dit_checkpoint_every == 0 and step + 1 < cfg.steps.dit:
-            _save_dit_checkpoint(ckpt, step + 1, model, ema, opt, sched, gen, losses)
+            _save_dit_checkpoint(ckpt, step + 1, model, ema, opt, sched, gen, losses, before + time.time() - t0)
     ema.copy_to(model)
     model.eval()
     _save_folder(model, out)
@@ -551,14 +558,18 @@ def build_dit(out: Path, vae_f2, tokenizer, text_encoder, t5_tokenizer, t5_encod
 
         shutil.rmtree(ckpt)
     tail = losses[-50:] or [float("nan")]
-    return model, {"final_loss": sum(tail) / len(tail)}
+    return model, {"final_loss": sum(tail) / len(tail), "train_seconds_all_runs": round(before + time.time() - t0, 1),
+                   "resumed_at": start or None}
 
 
 # ----------------------------------------------------------------------------------------------
 # assembly
 
 
-def assemble_pipelines(out_dir: Path, parts: dict) -> None:
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def assemble_pipelines(out_dir: Path, parts: dict, storage_dtype: str = "float16") -> None:
     from diffusers import FluxPipeline, StableDiffusionPipeline
 
     sd = StableDiffusionPipeline(
@@ -567,10 +578,14 @@ def assemble_pipelines(out_dir: Path, parts: dict) -> None:
         requires_safety_checker=False,
     )
     _save_folder(sd, out_dir / "sd-digits", safe_serialization=True)
+    # the transformer is stored in float16 (half the package data); stock from_pretrained loads it as float32
+    import copy
+
+    stored = copy.deepcopy(parts["dit"]).to(STORAGE_DTYPES[storage_dtype])
     flux = FluxPipeline(
         scheduler=make_flow_scheduler(), vae=parts["vae_f2"], text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"], text_encoder_2=parts["t5_encoder"], tokenizer_2=parts["t5_tokenizer"],
-        transformer=parts["dit"],
+        transformer=stored,
     )
     _save_folder(flux, out_dir / "flux-digits", safe_serialization=True)
     _save_folder(parts["classifier"], out_dir / "classifier")
@@ -650,7 +665,7 @@ def build(cfg: BuildConfig, rebuild: tuple[str, ...] = ()) -> dict:
                                    parts["t5_encoder"], cfg),
         FluxTransformer2DModel.from_pretrained,
     )
-    assemble_pipelines(out_dir, parts)
+    assemble_pipelines(out_dir, parts, cfg.dit_storage_dtype)
     summary = {
         "classifier_test": classifier_accuracy(parts["classifier"]),
         "vae_psnr_test": round(vae_psnr(parts["vae"], UNET_RESOLUTION), 2),
