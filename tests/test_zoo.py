@@ -63,6 +63,33 @@ def test_quick_build_makes_loadable_pipelines_and_resumes(tmp_path):
     assert next((tmp_path / "work" / "unet").glob("*.safetensors")).stat().st_mtime_ns != mtime
 
 
+def test_dit_stage_resumes_exactly_from_its_checkpoint(tmp_path, monkeypatch):
+    """A DiT stage killed after a checkpoint and run again ends with the weights of an uninterrupted run."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(paths.flux_teacher(), local_files_only=True)
+    parts = (pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
+    cfg = zb.BuildConfig(quick=True, dit_batch=4, dit_checkpoint_every=2)
+    cfg.steps.dit = 5
+    whole, _ = zb.build_dit(tmp_path / "whole" / "dit", *parts, cfg)
+
+    real_save = zb._save_dit_checkpoint
+
+    def save_then_die(path, step, *args):
+        real_save(path, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt("killed after the step-4 checkpoint")
+
+    monkeypatch.setattr(zb, "_save_dit_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        zb.build_dit(tmp_path / "cut" / "dit", *parts, cfg)
+    assert (tmp_path / "cut" / "dit.checkpoint" / "ema.safetensors").is_file()
+    resumed, stats = zb.build_dit(tmp_path / "cut" / "dit", *parts, cfg)
+    assert stats["resumed_at"] == 4 and not (tmp_path / "cut" / "dit.checkpoint").exists()
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_build_rejects_unknown_stage(tmp_path):
     cfg = zb.BuildConfig(out_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"), quick=True)
     with pytest.raises(ValueError, match="unknown zoo stage"):
