@@ -22,7 +22,7 @@ DIT_MAX_SEQUENCE_LENGTH = 32
 #: Classifier-free guidance scale the UNet teacher is sampled with.
 UNET_GUIDANCE = 3.0
 #: Classifier-free guidance scale the DiT teacher is sampled with (``true_cfg_scale``).
-DIT_GUIDANCE = 1.25
+DIT_GUIDANCE = 1.5
 
 
 def artifacts_dir() -> Path:
