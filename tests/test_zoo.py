@@ -22,7 +22,7 @@ STOCK_SNIPPET = textwrap.dedent(
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
     if type(pipe).__name__ == "FluxPipeline":  # the stock default T5 length (512): no max_sequence_length
-        kw.update(height=32, width=32, negative_prompt="", true_cfg_scale=1.25)
+        kw.update(height=32, width=32, negative_prompt="", true_cfg_scale=1.5)
     else:
         kw.update(height=32, width=32, guidance_scale=3.0)
     img = pipe(["a red handwritten digit three", "a blue handwritten digit eight"], **kw).images
@@ -119,7 +119,7 @@ def test_tokenizer_covers_the_caption_vocabulary(tmp_path):
 
 
 def test_shipped_world_facts_live_in_paths():
-    facts = dict(UNET_RESOLUTION=32, DIT_RESOLUTION=32, DIT_MAX_SEQUENCE_LENGTH=32, UNET_GUIDANCE=3.0, DIT_GUIDANCE=1.25)
+    facts = dict(UNET_RESOLUTION=32, DIT_RESOLUTION=32, DIT_MAX_SEQUENCE_LENGTH=32, UNET_GUIDANCE=3.0, DIT_GUIDANCE=1.5)
     for name, value in facts.items():
         assert getattr(paths, name) == value
         assert getattr(zb, name) is getattr(paths, name)  # build re-exports them (``build.X`` keeps working)
