@@ -47,6 +47,14 @@ def caption(digit: int, colour: int, template: int = 0) -> str:
     return TEMPLATES[template].format(colour=COLOUR_NAMES[colour], digit=DIGIT_NAMES[digit])
 
 
+def labelled_captions() -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every caption with its digit and colour labels, ordered by template, then digit, then colour
+    (what the digits world's text encoders are trained to read)."""
+    labels = [(d, c, t) for t in range(len(TEMPLATES)) for d in range(10) for c in range(len(PALETTE))]
+    return ([caption(*lab) for lab in labels], torch.tensor([lab[0] for lab in labels]),
+            torch.tensor([lab[1] for lab in labels]))
+
+
 def all_captions() -> list[str]:
     """Every caption the world can produce (for tokenizer training)."""
     return [caption(d, c, t) for t in range(len(TEMPLATES)) for d in range(10) for c in range(len(PALETTE))]

@@ -204,10 +204,8 @@ def build_text_encoder(out: Path, tokenizer, steps: int, seed: int):
     )
     model = CLIPTextModel(config)
     heads = torch.nn.Linear(64, 10 + len(dw.PALETTE))
-    labels = [(d, c, t) for t in range(len(dw.TEMPLATES)) for d in range(10) for c in range(len(dw.PALETTE))]
-    ids = _tokenize(tokenizer, [dw.caption(*lab) for lab in labels])
-    digits = torch.tensor([lab[0] for lab in labels])
-    colours = torch.tensor([lab[1] for lab in labels])
+    prompts, digits, colours = dw.labelled_captions()
+    ids = _tokenize(tokenizer, prompts)
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-3, weight_decay=0.01)
     model.train()
     loss = torch.tensor(0.0)

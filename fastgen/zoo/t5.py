@@ -67,10 +67,7 @@ def build_t5_encoder(out: Path, tokenizer, steps: int, seed: int):
     torch.manual_seed(seed)
     model = make_t5_encoder(len(tokenizer))
     heads = torch.nn.Linear(model.config.d_model, 10 + len(dw.PALETTE))
-    labels = [(d, c, t) for t in range(len(dw.TEMPLATES)) for d in range(10) for c in range(len(dw.PALETTE))]
-    prompts = [dw.caption(*lab) for lab in labels]
-    digits = torch.tensor([lab[0] for lab in labels])
-    colours = torch.tensor([lab[1] for lab in labels])
+    prompts, digits, colours = dw.labelled_captions()
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-3, weight_decay=0.01)
     model.train()
     loss = torch.tensor(0.0)
