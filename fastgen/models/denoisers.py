@@ -71,8 +71,7 @@ def with_flux_guidance_embedding(net: torch.nn.Module) -> torch.nn.Module:
     if bool(net.config.get("guidance_embeds", False)):
         import copy
 
-        student = copy.deepcopy(net)
-        return student if next(student.parameters()).dtype == torch.float32 else student.to(dtype=torch.float32)
+        return _float32(copy.deepcopy(net))
     student = type(net).from_config(net.config, guidance_embeds=True)
     missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(not k.startswith(_FLUX_GUIDANCE_PREFIX) for k in missing):
@@ -84,7 +83,12 @@ def with_flux_guidance_embedding(net: torch.nn.Module) -> torch.nn.Module:
         last = student.time_text_embed.guidance_embedder.linear_2
         last.weight.zero_()
         last.bias.zero_()
-    return student if next(student.parameters()).dtype == torch.float32 else student.to(dtype=torch.float32)
+    return _float32(student)
+
+
+def _float32(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` in float32 (cast only when it is not: diffusers warns about casts of modules it keeps in float32)."""
+    return net if next(net.parameters()).dtype == torch.float32 else net.to(dtype=torch.float32)
 
 
 class ConsistencyDenoiser:
