@@ -1,0 +1,55 @@
+"""benchmarks/clear_window.py: CLEAR's quality / window trade-off from bench rows and the runs' radii."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "clear_window.py"
+
+
+def _run(tmp_path, radius):
+    run = tmp_path / f"r{radius}"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"method: clear\noutput_dir: x\nclear:\n  radius: {radius}\n")
+    return run
+
+
+def test_window_table_and_plot(tmp_path):
+    r2, r1 = _run(tmp_path, 2), _run(tmp_path, 1)
+    quality = tmp_path / "q.json"
+    quality.write_text(json.dumps({"rows": [
+        {"method": "dit-teacher", "steps": 50, "digits_fid": 40.0, "digit_accuracy": 0.98, "samples": 1000},
+        {"method": "clear", "steps": 50, "digits_fid": 44.0, "digit_accuracy": 0.97, "samples": 1000},
+        {"method": "clear-r1", "steps": 50, "digits_fid": 60.0, "digit_accuracy": 0.9, "samples": 1000}]}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(SCRIPT), f"clear@50={r2}", f"clear-r1@50={r1}", "--quality", str(quality),
+                        "--speed", str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((out / "clear_window.json").read_text())
+    by = {p["radius"]: p for p in data["points"]}
+    # 8x8 grid: r = 1 sees only itself; r = 2 sees the 3x3 neighbourhood, clipped at the borders
+    # (4 corners x 4 + 24 edges x 6 + 36 interior x 9 = 484 pairs over 64 queries)
+    assert by[1]["image_keys_per_query"] == 1.0 and by[2]["image_keys_per_query"] == round(484 / 64, 3)
+    assert data["teacher"]["image_window_share"] == 1.0 and by[2]["fid_vs_teacher"] == 1.1
+    assert by[1]["attention_flop_fraction"] < by[2]["attention_flop_fraction"] < 1.0
+    assert "| clear@50 | 2 |" in (out / "clear_window.md").read_text() and (out / "clear_window.png").stat().st_size > 1000
+
+
+def test_missing_row_and_wrong_run_are_named(tmp_path):
+    quality = tmp_path / "q.json"
+    quality.write_text(json.dumps({"rows": [{"method": "dit-teacher", "steps": 50, "digits_fid": 40.0}]}))
+    r = subprocess.run([sys.executable, str(SCRIPT), f"clear@50={_run(tmp_path, 2)}", "--quality", str(quality),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no row 'clear@50'" in r.stderr and "only=clear" in r.stderr
+    other = tmp_path / "lcd"
+    other.mkdir()
+    (other / "config.yaml").write_text("method: lcd\n")
+    quality.write_text(json.dumps({"rows": [{"method": "dit-teacher", "steps": 50, "digits_fid": 40.0},
+                                            {"method": "clear", "steps": 50, "digits_fid": 40.0}]}))
+    r = subprocess.run([sys.executable, str(SCRIPT), f"clear@50={other}", "--quality", str(quality),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not a CLEAR one" in r.stderr
