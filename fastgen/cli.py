@@ -317,7 +317,7 @@ def _lrm_pretrain(args) -> int:
     from fastgen.config import load_config
     from fastgen.rewards.latent_proxy import LRMPretrainConfig, pretrain_lrm
 
-    base = {k: v for k, v in (("teacher", args.teacher), ("out", args.out)) if v is not None}
+    base = {k: v for k, v in (("teacher", args.teacher), ("data", args.data), ("out", args.out)) if v is not None}
     cfg = load_config(LRMPretrainConfig, args.config, overrides=args.overrides, base=base or None)
     out = pretrain_lrm(cfg)
     print(f"latent reward model: {out}")
@@ -396,13 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", default=None)
     d.set_defaults(fn=_demo)
 
-    lrm = sub.add_parser("lrm", help="latent proxy reward models: `fastgen lrm pretrain [--teacher T] [--out DIR] [k=v]`")
+    lrm = sub.add_parser("lrm", help="latent proxy reward models: `fastgen lrm pretrain [--teacher T] [--data SOURCE] [--out DIR] [k=v]`")
     lsub = lrm.add_subparsers(dest="lrm_command", required=True)
-    lp = lsub.add_parser("pretrain", help="contrastive pre-training of an LRM on a teacher's latents")
+    lp = lsub.add_parser(
+        "pretrain", help="contrastive pre-training of an LRM on a teacher's latents",
+        description="Pre-train a latent proxy reward model: the teacher's VAE encodes the images, the teacher's tokenizer "
+                    "(and, by default for real data, a copy of its text encoder) reads the full captions; CLIP loss. "
+                    "Architecture presets: digits-cnn (data=digits), rg-lcd-vit (RG-LCD's latent ViT; other data), "
+                    "tiny (seconds; tests and smoke runs).")
     lp.add_argument("--config", default=None, help="YAML recipe with LRMPretrainConfig keys")
     lp.add_argument("--teacher", default=None, help="teacher folder or alias (default digits-sd)")
-    lp.add_argument("--out", default=None, help="output folder (default runs/lrm-digits)")
-    lp.add_argument("overrides", nargs="*", help="LRMPretrainConfig key=value overrides, e.g. steps=500 batch_size=64")
+    lp.add_argument("--data", default=None, help="digits (default), an image-caption folder, webdataset shards "
+                                                 "(.tar / brace pattern / folder of .tar) or a latent cache of the teacher")
+    lp.add_argument("--out", default=None, help="output folder (default runs/lrm-digits, or runs/lrm-<teacher name>)")
+    lp.add_argument("overrides", nargs="*", help="LRMPretrainConfig key=value overrides, e.g. steps=500 batch_size=64 "
+                                                 "width=128 depth=4 text_tower=teacher resolution=512")
     lp.set_defaults(fn=_lrm_pretrain)
 
     bench = sub.add_parser("bench", help="benchmark teacher and students: quality (FID/HPS/CLIP/digits) and speed")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgen.errors import ConfigError, ModelLoadError
+from fastgen.errors import ConfigError, DataError, ModelLoadError
 from fastgen.rewards.base import RewardModel
 from fastgen.rewards.latent_proxy import (
     LatentRewardModel,
@@ -283,8 +283,10 @@ def test_shape_checks_name_both_shapes(tokenizer):
 
 
 def test_pretrain_rejects_unknown_data(tmp_path):
-    with pytest.raises(ConfigError, match="digits"):
+    # anything but `digits` is a path to image-caption data (fastgen.rewards.lrm_pretrain); a missing one is named
+    with pytest.raises(DataError, match="'laion'.*digits"):
         pretrain_lrm(LRMPretrainConfig(data="laion", out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
 
 
 def test_short_pretrain_on_digits_teacher(tmp_path):
@@ -304,9 +306,12 @@ def test_cli_parses_overrides(monkeypatch):
     import fastgen.rewards.latent_proxy as lp
 
     seen = {}
-    monkeypatch.setattr(lp, "pretrain_lrm", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(lp, "pretrain_lrm", lambda cfg: seen.update(cfg=cfg))
     assert lp.main(["pretrain", "--teacher", "digits-sd", "steps=7", "width=16"]) == 0
     assert seen["cfg"].steps == 7 and seen["cfg"].width == 16 and seen["cfg"].teacher == "digits-sd"
+    assert seen["cfg"].data == "digits" and seen["cfg"].tower is None  # None: the preset's value
+    assert lp.main(["pretrain", "--teacher", "t", "--data", "some/folder", "preset=tiny", "text_tower=open_clip"]) == 0
+    assert (seen["cfg"].data, seen["cfg"].preset, seen["cfg"].text_tower) == ("some/folder", "tiny", "open_clip")
     assert lp.main(["pretrain", "stepz=7"]) == 2
 
 

@@ -25,7 +25,11 @@ shift factor, times the scaling factor (:meth:`fastgen.models.teacher.Teacher.en
 
 Command line::
 
-    python -m fastgen.rewards.latent_proxy pretrain [--teacher digits-sd] [--out runs/lrm-digits] [key=value ...]
+    fastgen lrm pretrain [--teacher digits-sd] [--data digits] [--out runs/lrm-digits] [key=value ...]
+    python -m fastgen.rewards.latent_proxy pretrain ...        (the same)
+
+Pre-training on real image-caption data for a real teacher lives in :mod:`fastgen.rewards.lrm_pretrain`;
+the towers (including full-length CLIP / open_clip text towers) in :mod:`fastgen.rewards.lrm_towers`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,6 +51,7 @@ from fastgen.losses import PREFERENCE_PAIRS, label_aware_info_nce
 from fastgen.losses import pairwise_preference_kl as pairwise_preference_loss
 from fastgen.errors import ConfigError, DataError, FastgenError, ModelLoadError
 from fastgen.rewards.base import RewardModel
+from fastgen.rewards.lrm_towers import IMAGE_TOWERS, TEXT_TOWERS, build_image_tower, build_text_tower, trainable_parameters
 
 __all__ = [
     "LRMConfig",
@@ -108,6 +113,15 @@ class LRMConfig:
         init_logit_scale: initial ``logit_scale`` (``log(1/0.07)`` as in CLIP).
         latent_scaling: the latent space it reads; only ``"diffusion"`` (the denoiser's space:
             VAE latents minus shift, times scaling factor) is supported.
+        text_tower: ``"transformer"`` (the small tower above, trained from scratch), ``"clip"``
+            (a transformers CLIP text model, e.g. a copy of the teacher's text encoder) or
+            ``"open_clip"`` (an open_clip text transformer); see :mod:`fastgen.rewards.lrm_towers`.
+        text_config: the architecture of a ``clip`` / ``open_clip`` text tower (a config dict, saved in
+            ``config.json`` so the LRM rebuilds without its source); ``text_width/layers/heads`` then do
+            not apply.
+        unlocked_text_layers, unlocked_image_layers: what :meth:`LatentRewardModel.unfreeze` (online
+            alignment) trains: the last N layers of each tower plus its final norm and projection;
+            ``-1`` = the whole tower (RG-LCD unlocks 5 text layers and the last ViT group).
     """
 
     latent_channels: int = 4
@@ -125,6 +139,10 @@ class LRMConfig:
     vocab_size: int = 0
     init_logit_scale: float = math.log(1 / 0.07)
     latent_scaling: str = "diffusion"
+    text_tower: str = "transformer"
+    text_config: dict = field(default_factory=dict)
+    unlocked_text_layers: int = -1
+    unlocked_image_layers: int = -1
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -132,15 +150,28 @@ class LRMConfig:
                      "text_width", "text_layers", "text_heads", "patch_size", "heads"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"LRM config: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.tower not in ("cnn", "vit"):
+        if self.tower not in IMAGE_TOWERS:
             raise ConfigError(f"LRM config: unknown tower {self.tower!r}; use 'cnn' or 'vit'")
+        if self.text_tower not in TEXT_TOWERS:
+            raise ConfigError(f"LRM config: unknown text_tower {self.text_tower!r}; use one of {', '.join(TEXT_TOWERS)}")
+        if self.text_tower != "transformer" and not self.text_config:
+            raise ConfigError(f"LRM config: text_tower={self.text_tower} needs its text_config (the architecture dict); "
+                              f"build the LRM with `fastgen lrm pretrain`, which fills it in")
+        if self.text_tower == "clip":
+            positions = int(self.text_config.get("max_position_embeddings", 77))
+            if self.text_max_length > positions:
+                raise ConfigError(f"LRM config: text_max_length {self.text_max_length} exceeds the CLIP text tower's "
+                                  f"{positions} positions")
+            if self.vocab_size > int(self.text_config.get("vocab_size", 0)):
+                raise ConfigError(f"LRM config: the tokenizer has {self.vocab_size} tokens but the CLIP text tower's "
+                                  f"embedding only {self.text_config.get('vocab_size')}")
         if self.tower == "vit":
             if self.latent_size % self.patch_size:
                 raise ConfigError(f"LRM config: patch_size {self.patch_size} does not divide latent_size "
                                   f"{self.latent_size}; pick a patch size that divides it")
             if self.width % self.heads:
                 raise ConfigError(f"LRM config: heads {self.heads} does not divide width {self.width}")
-        if self.text_width % self.text_heads:
+        if self.text_tower == "transformer" and self.text_width % self.text_heads:
             raise ConfigError(f"LRM config: text_heads {self.text_heads} does not divide text_width {self.text_width}")
         if self.latent_scaling != "diffusion":
             raise ConfigError(f"LRM config: latent_scaling {self.latent_scaling!r} is not supported; the LRM reads "
@@ -152,109 +183,6 @@ class LRMConfig:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (int(self.latent_channels), int(self.latent_size), int(self.latent_size))
-
-
-# --------------------------------------------------------------------------- towers
-
-
-def _groups(channels: int) -> int:
-    """GroupNorm groups: as many as possible with at least 4 channels each (at most 32)."""
-    for g in (32, 16, 8, 4, 2):
-        if channels % g == 0 and channels // g >= 4:
-            return g
-    return 1
-
-
-class _ResBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(channels), channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(_groups(channels), channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return x + h
-
-
-class _CNNTower(nn.Module):
-    """Conv stem, ``depth`` residual stages (stride-2 downsampling between them while the map is
-    larger than 2x2), GroupNorm + SiLU, global average pool, linear projection."""
-
-    def __init__(self, cfg: LRMConfig):
-        super().__init__()
-        w = cfg.width
-        self.stem = nn.Conv2d(cfg.latent_channels, w, 3, padding=1)
-        stages: list[nn.Module] = []
-        size = cfg.latent_size
-        for i in range(cfg.depth):
-            stages.append(_ResBlock(w))
-            if i < cfg.depth - 1 and size > 2:
-                stages.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
-                size = (size + 1) // 2
-        self.stages = nn.Sequential(*stages)
-        self.norm = nn.GroupNorm(_groups(w), w)
-        self.proj = nn.Linear(w, cfg.embed_dim)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.stages(self.stem(z))
-        h = F.silu(self.norm(h)).mean(dim=(-2, -1))
-        return self.proj(h)
-
-
-def _encoder_layer(width: int, heads: int) -> nn.TransformerEncoderLayer:
-    return nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
-                                      batch_first=True, norm_first=True)
-
-
-class _ViTTower(nn.Module):
-    """Patchify conv, class token + learned positions, ``depth`` pre-norm transformer layers,
-    final LayerNorm, projection of the class token."""
-
-    def __init__(self, cfg: LRMConfig):
-        super().__init__()
-        w, p = cfg.width, cfg.patch_size
-        n = (cfg.latent_size // p) ** 2
-        self.patch = nn.Conv2d(cfg.latent_channels, w, p, stride=p)
-        self.cls = nn.Parameter(torch.zeros(1, 1, w))
-        self.pos = nn.Parameter(torch.randn(1, n + 1, w) * 0.02)
-        self.layers = nn.ModuleList([_encoder_layer(w, cfg.heads) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(w)
-        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.patch(z).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-        for layer in self.layers:
-            x = layer(x)
-        return self.proj(self.norm(x[:, 0]))
-
-
-class _TextTower(nn.Module):
-    """Token embedding + learned positions, pre-norm transformer layers, final LayerNorm,
-    mean over the real (non-padding) tokens, projection."""
-
-    def __init__(self, cfg: LRMConfig):
-        super().__init__()
-        w = cfg.text_width
-        self.token = nn.Embedding(cfg.vocab_size, w)
-        nn.init.normal_(self.token.weight, std=0.02)
-        self.pos = nn.Parameter(torch.randn(1, cfg.text_max_length, w) * 0.01)
-        self.layers = nn.ModuleList([_encoder_layer(w, cfg.text_heads) for _ in range(cfg.text_layers)])
-        self.norm = nn.LayerNorm(w)
-        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.token(ids) + self.pos[:, : ids.shape[1]]
-        pad = mask == 0
-        for layer in self.layers:
-            x = layer(x, src_key_padding_mask=pad)
-        x = self.norm(x)
-        m = mask.to(x.dtype).unsqueeze(-1)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.proj(pooled)
 
 
 # --------------------------------------------------------------------------- the model
@@ -286,8 +214,8 @@ class LatentRewardModel(RewardModel):
         self.config = config
         self.tokenizer = tokenizer
         self.meta: dict = dict(meta or {})
-        self.image_tower = _CNNTower(config) if config.tower == "cnn" else _ViTTower(config)
-        self.text_tower = _TextTower(config)
+        self.image_tower = build_image_tower(config)
+        self.text_tower = build_text_tower(config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self._text_cache: dict[str, torch.Tensor] = {}
         self._cache_key: tuple | None = None
@@ -302,9 +230,21 @@ class LatentRewardModel(RewardModel):
         return nn.Module.train(self, mode)
 
     def unfreeze(self) -> "LatentRewardModel":
-        """Trainable parameters, train mode."""
-        self.requires_grad_(True)
+        """Trainable parameters (those :attr:`LRMConfig.unlocked_text_layers` / ``unlocked_image_layers``
+        unlock; all by default), train mode."""
+        self.set_trainable(self.config.unlocked_text_layers, self.config.unlocked_image_layers)
         return self.train()
+
+    def set_trainable(self, text_layers: int = -1, image_layers: int = -1) -> "LatentRewardModel":
+        """Make only the last ``text_layers`` / ``image_layers`` layers of each tower (plus its final norm and
+        projection, and ``logit_scale``) trainable; ``-1``: the whole tower. Everything else is frozen."""
+        self.requires_grad_(False)
+        unlocked = trainable_parameters(self.text_tower, int(text_layers)) + trainable_parameters(self.image_tower, int(image_layers))
+        for p in unlocked:
+            p.requires_grad_(True)
+        self.logit_scale.requires_grad_(True)
+        self.clear_text_cache()
+        return self
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
@@ -411,6 +351,7 @@ class LatentRewardModel(RewardModel):
     def describe(self) -> dict:
         return {"reward": self.name, "definition": "cos(E_img(latents), E_txt(prompt)) of a latent proxy reward model",
                 "input": "latents " + _shape_str(self.latent_shape) + " (diffusion space)", "tower": self.config.tower,
+                "text_tower": self.config.text_tower, "text_max_length": self.config.text_max_length,
                 **({"meta": self.meta} if self.meta else {})}
 
     # ------------------------------------------------------------------ persistence
@@ -506,28 +447,83 @@ class LRMPretrainConfig:
     """Contrastive pre-training of an LRM on a teacher's latents (:func:`pretrain_lrm`).
 
     Attributes:
-        teacher: teacher folder or shipped alias (``digits-sd``); its VAE makes the latents and its
-            tokenizer becomes the LRM's.
-        data: the (latent, caption) source; only ``"digits"`` is supported.
-        out: output folder (``config.json``, ``model.safetensors``, ``tokenizer/``, ``pretrain_metrics.json``).
+        teacher: teacher folder or shipped alias (``digits-sd``); its VAE makes the latents, its
+            tokenizer becomes the LRM's (and, with ``text_tower=teacher``, its text encoder the
+            LRM's text tower).
+        data: ``"digits"`` (the digits world's captioned renders), or an image-caption folder,
+            webdataset shards or a latent cache of this teacher (see :mod:`fastgen.data.sources`).
+        out: output folder (``config.json``, ``model.safetensors``, ``tokenizer/``, ``pretrain_metrics.json``);
+            ``None``: ``runs/lrm-digits`` (digits) or ``runs/lrm-<teacher folder name>``.
         steps, batch_size, lr, weight_decay, seed: optimisation (AdamW, linear warm-up then cosine decay).
-        tower, width, depth, embed_dim: LRM architecture (see :class:`LRMConfig`).
+        preset: architecture defaults, ``auto`` (``digits-cnn`` on the digits world, else
+            ``rg-lcd-vit``), ``digits-cnn``, ``rg-lcd-vit`` or ``tiny`` (seconds, for tests and smoke runs;
+            :data:`fastgen.rewards.lrm_pretrain.PRESETS`);
+            every architecture field below left at ``None`` takes the preset's value.
+        tower, width, depth, patch_size, heads, embed_dim: the image tower (see :class:`LRMConfig`).
+        text_tower: ``transformer`` (small, from scratch), ``teacher`` (a copy of the teacher's CLIP text
+            encoder, full 77-token captions) or ``open_clip`` (``open_clip_model`` initialised from
+            ``open_clip_checkpoint``).
+        text_max_length, text_width, text_layers, text_heads: the ``transformer`` text tower (a
+            ``teacher``/``open_clip`` tower reads as many tokens as it has positions unless
+            ``text_max_length`` is lower).
+        text_encoder: the teacher component copied by ``text_tower=teacher``.
+        open_clip_model, open_clip_checkpoint: architecture name (e.g. ``ViT-H-14``) and local weights
+            (``.safetensors``, or a torch file read with ``weights_only``) of ``text_tower=open_clip``.
+        text_lr_scale: learning-rate multiplier of an initialised (teacher / open_clip) text tower.
+        train_text_layers: text layers trained during pre-training (the last N; ``-1``: all).
+        unlocked_text_layers, unlocked_image_layers: saved in the LRM config; what trains during
+            RG-LCD's online alignment (``None``: the preset's).
+        resolution: image size (``None``: the teacher's default); latents are ``resolution / VAE factor``.
+        vae_sample: encode with a sample of the VAE posterior instead of its mean.
+        expert, expert_weight, expert_batch_size: optional reward distillation: an expert reward
+            (name or dict for :func:`fastgen.rewards.load_reward`) scores the decoded latents of the
+            first ``expert_batch_size`` rows against each of their captions, and the LRM's softmax over
+            those images matches the expert's (KL, times ``expert_weight``).
+        eval_size: held-out items of a folder / cache for the retrieval accuracy (at most a tenth).
+        vae_batch_size, num_workers, shuffle_buffer: encoding chunk, DataLoader workers, shard shuffle buffer.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...; mixed_precision: ``no`` or ``bf16``.
         log_every: steps between log lines.
-        train_sources: use only the first N source digits of the train split (0: all).
+        train_sources: digits only: use only the first N source digits of the train split (0: all).
     """
 
     teacher: str = "digits-sd"
     data: str = "digits"
-    out: str = "runs/lrm-digits"
+    out: str | None = None
     steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-    tower: str = "cnn"
-    width: int = 64
-    depth: int = 3
-    embed_dim: int = 64
+    preset: str = "auto"
+    tower: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    patch_size: int | None = None
+    heads: int | None = None
+    embed_dim: int | None = None
+    text_tower: str | None = None
+    text_max_length: int | None = None
+    text_width: int | None = None
+    text_layers: int | None = None
+    text_heads: int | None = None
+    text_encoder: str = "text_encoder"
+    open_clip_model: str | None = None
+    open_clip_checkpoint: str | None = None
+    text_lr_scale: float = 0.1
+    train_text_layers: int = -1
+    unlocked_text_layers: int | None = None
+    unlocked_image_layers: int | None = None
+    resolution: int | None = None
+    vae_sample: bool = False
+    expert: Any = None
+    expert_weight: float = 1.0
+    expert_batch_size: int = 8
+    eval_size: int = 256
+    vae_batch_size: int = 32
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    device: str = "auto"
+    mixed_precision: str = "no"
     log_every: int = 100
     train_sources: int = 0
 
@@ -571,13 +567,16 @@ def retrieval_accuracy(lrm: LatentRewardModel, latents: torch.Tensor, labels: to
 
 
 def pretrain_lrm(config: LRMPretrainConfig) -> Path:
-    """Pre-train an LRM contrastively on the digits world's (latent, caption) pairs and save it.
+    """Pre-train an LRM contrastively on a teacher's (latent, caption) pairs and save it.
 
-    The train split is rendered at the teacher's resolution in every colour, encoded once with
-    the teacher's VAE (diffusion-space latents, kept in memory) and paired with captions in random
-    templates; the loss is :func:`label_aware_info_nce`.  At the end, the test split's retrieval
+    ``data=digits``: the train split is rendered at the teacher's resolution in every colour, encoded
+    once with the teacher's VAE (diffusion-space latents, kept in memory) and paired with captions in
+    random templates; the loss is :func:`label_aware_info_nce`.  At the end, the test split's retrieval
     accuracy over the 60 canonical captions is printed and written with the config and wall time
     to ``<out>/pretrain_metrics.json``.
+
+    Any other ``data`` (an image-caption folder, webdataset shards, a latent cache) is pre-trained by
+    :func:`fastgen.rewards.lrm_pretrain.pretrain_lrm_on_data`.
 
     Returns:
         The output folder.
@@ -586,17 +585,17 @@ def pretrain_lrm(config: LRMPretrainConfig) -> Path:
 
     from fastgen.data.digits import PALETTE, TEMPLATES, caption
     from fastgen.models.teacher import Teacher
+    from fastgen.rewards.lrm_pretrain import build_lrm, check_pretrain_config, lrm_optimizer, resolve_architecture
     from fastgen.zoo.paths import resolve_model
 
-    t_start = time.time()
     if config.data != "digits":
-        raise ConfigError(f"LRM pre-training data {config.data!r} is not supported: only data=digits (the digits "
-                          f"world's captioned renders) is implemented")
-    for name in ("steps", "batch_size", "log_every"):
-        if int(getattr(config, name)) < 1:
-            raise ConfigError(f"LRM pre-training: {name} must be positive, got {getattr(config, name)}")
-    if config.batch_size < 2:
-        raise ConfigError("LRM pre-training: batch_size must be at least 2 for a contrastive loss")
+        from fastgen.rewards.lrm_pretrain import pretrain_lrm_on_data
+
+        return pretrain_lrm_on_data(config)
+    t_start = time.time()
+    check_pretrain_config(config)
+    arch = resolve_architecture(config)
+    config = replace(config, out=config.out or "runs/lrm-digits")
     out = Path(config.out)
 
     torch.manual_seed(config.seed)
@@ -606,7 +605,7 @@ def pretrain_lrm(config: LRMPretrainConfig) -> Path:
     tokenizer = getattr(teacher.pipeline(), "tokenizer", None)
     if tokenizer is None:
         raise ConfigError(f"teacher {config.teacher} has no `tokenizer` component; the LRM borrows the teacher's tokenizer")
-    resolution = int(teacher.default_resolution)
+    resolution = int(config.resolution or teacher.default_resolution)
 
     t0 = time.time()
     train_z, train_y = _digits_latents(teacher, "train", resolution, config.train_sources)
@@ -614,19 +613,19 @@ def pretrain_lrm(config: LRMPretrainConfig) -> Path:
     encode_s = time.time() - t0
 
     n_col, n_cls, n_tpl = len(PALETTE), 10 * len(PALETTE), len(TEMPLATES)
-    lrm_cfg = LRMConfig(latent_channels=int(train_z.shape[1]), latent_size=int(train_z.shape[-1]), tower=config.tower,
-                        width=config.width, depth=config.depth, embed_dim=config.embed_dim, vocab_size=len(tokenizer))
     meta = {"teacher": str(config.teacher), "teacher_path": str(teacher_path), "data": config.data,
             "resolution": resolution, "vae_scale_factor": int(teacher.vae_scale_factor),
             "scaling_factor": float(teacher.scaling_factor), "shift_factor": float(teacher.shift_factor)}
-    lrm = LatentRewardModel(lrm_cfg, tokenizer, meta=meta).unfreeze()
+    lrm = build_lrm(config, arch, tokenizer, int(train_z.shape[1]), int(train_z.shape[-1]), meta,
+                    text_encoder=getattr(teacher.pipeline(), config.text_encoder, None))
+    config = replace(config, **{k: v for k, v in arch.items() if hasattr(config, k)})
     del teacher
 
     # every caption the world has, template-major: row t * 60 + (digit * 6 + colour)
     captions = [caption(k // n_col, k % n_col, t) for t in range(n_tpl) for k in range(n_cls)]
     cap_ids, cap_mask = lrm.tokenize(captions)
 
-    opt = torch.optim.AdamW(lrm.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    opt = lrm_optimizer(lrm, config, arch)
     warmup = max(1, config.steps // 20)
 
     def lr_factor(step: int) -> float:
@@ -853,7 +852,7 @@ class LRMAligner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastgen.rewards.latent_proxy pretrain [--config recipe.yaml] [--teacher T] [--out DIR] [key=value ...]``."""
+    """``python -m fastgen.rewards.latent_proxy pretrain [--config recipe.yaml] [--teacher T] [--data SOURCE] [--out DIR] [key=value ...]``."""
     from fastgen.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m fastgen.rewards.latent_proxy",
@@ -863,11 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        description="Keys: " + ", ".join(f.name for f in fields(LRMPretrainConfig)))
     p.add_argument("--config", default=None, help="YAML recipe with LRMPretrainConfig keys")
     p.add_argument("--teacher", default=None, help="teacher folder or alias (default digits-sd)")
-    p.add_argument("--out", default=None, help="output folder (default runs/lrm-digits)")
+    p.add_argument("--data", default=None, help="digits (default), an image-caption folder, webdataset shards or a latent cache")
+    p.add_argument("--out", default=None, help="output folder (default runs/lrm-digits, or runs/lrm-<teacher name>)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 batch_size=64")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        base = {k: v for k, v in (("teacher", args.teacher), ("out", args.out)) if v is not None}
+        base = {k: v for k, v in (("teacher", args.teacher), ("data", args.data), ("out", args.out)) if v is not None}
         cfg = load_config(LRMPretrainConfig, args.config, overrides=args.overrides, base=base or None)
         pretrain_lrm(cfg)
     except FastgenError as exc:

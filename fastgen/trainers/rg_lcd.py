@@ -100,7 +100,8 @@ class RGLCD(ConsistencyMethod):
             if not (cfg.lrm_pretrain_if_missing and self.is_digits_world()):
                 raise ModelLoadError(
                     f"no latent reward model at {path} (config.json + model.safetensors); pre-train one with "
-                    f"`fastgen lrm pretrain teacher={self.nets.loaded.name} out={path}`"
+                    f"`fastgen lrm pretrain --teacher {self.nets.loaded.name} --data <image-caption folder or shards> "
+                    f"--out {path}` (--data digits on the digits world), or set rg_lcd.lrm_path to an existing one"
                 )
             pretrain_lrm(LRMPretrainConfig(**{"teacher": self.nets.loaded.name, "out": str(path), **cfg.lrm_pretrain}))
         lrm = LatentRewardModel.from_pretrained(path, trainable=True)
