@@ -13,7 +13,9 @@ Tokenizers cannot be downloaded either, so they are built offline:
 * a T5 tokenizer from a small hand-made unigram vocabulary (:func:`tiny_t5_tokenizer`).
 
 Builders: :func:`make_tiny_sd` (SD1.x epsilon or SD2.x v-prediction), :func:`make_tiny_sdxl`,
-:func:`make_tiny_flux`, :func:`make_tiny_sd3` and :func:`make_tiny_pixart`.
+:func:`make_tiny_flux`, :func:`make_tiny_sd3` and :func:`make_tiny_pixart`; stand-ins of released teachers
+(their layout and configs scaled down): :func:`make_tiny_sd15`, :func:`make_tiny_sd21_v` and
+:func:`make_tiny_flux_dev`.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def tiny_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
 # --------------------------------------------------------------------------- text encoders
 
 
-def _clip_config(tokenizer, hidden: int = _CLIP_HIDDEN, projection_dim: int = _CLIP_HIDDEN):
+def _clip_config(tokenizer, hidden: int = _CLIP_HIDDEN, projection_dim: int = _CLIP_HIDDEN, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -110,18 +112,19 @@ def _clip_config(tokenizer, hidden: int = _CLIP_HIDDEN, projection_dim: int = _C
         num_attention_heads=2,
         max_position_embeddings=77,
         projection_dim=projection_dim,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def tiny_clip_text_model(tokenizer, with_projection: bool = False, hidden: int = _CLIP_HIDDEN):
-    """A 2-layer CLIP text encoder (optionally ``CLIPTextModelWithProjection``)."""
+def tiny_clip_text_model(tokenizer, with_projection: bool = False, hidden: int = _CLIP_HIDDEN, hidden_act: str = "quick_gelu"):
+    """A 2-layer CLIP text encoder (optionally ``CLIPTextModelWithProjection``; ``hidden_act="gelu"`` as the
+    OpenCLIP towers of SD2.x and SDXL)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = _clip_config(tokenizer, hidden=hidden, projection_dim=hidden)
+    config = _clip_config(tokenizer, hidden=hidden, projection_dim=hidden, hidden_act=hidden_act)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(config).eval()
 
@@ -153,11 +156,15 @@ def tiny_t5_encoder(tokenizer, d_model: int = 32):
 # --------------------------------------------------------------------------- image parts
 
 
-def tiny_vae(latent_channels: int = 4, scaling_factor: float = 0.18215, shift_factor: float | None = None):
-    """A factor-2 ``AutoencoderKL`` (two blocks) for 16x16 images and 8x8 latents."""
+def tiny_vae(latent_channels: int = 4, scaling_factor: float = 0.18215, shift_factor: float | None = None,
+             quant_convs: bool = True):
+    """A factor-2 ``AutoencoderKL`` (two blocks) for 16x16 images and 8x8 latents (``quant_convs=False``: no
+    ``quant_conv`` / ``post_quant_conv``, as FLUX's VAE)."""
     from diffusers import AutoencoderKL
 
+    extra = {} if quant_convs else {"use_quant_conv": False, "use_post_quant_conv": False}
     return AutoencoderKL(
+        **extra,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -400,12 +407,165 @@ def make_tiny_pixart(folder, sigma: bool = False) -> Path:
     return _save(pipe, folder)
 
 
+# --------------------------------------------------------------------------- stand-ins of released teachers
+#
+# The builders above give each family's pipeline class. These scale down the layout of a released
+# checkpoint -- block order, attention layout, prediction type, scheduler config, text encoders, added
+# conditioning, guidance embedding -- for tests that run the recipes written for those checkpoints
+# (tests/test_recipe_smoke.py).
+
+
+def _sd_layout_unet(cross_attention_dim: int, attention_head_dim, **extra):
+    """SD1.x/2.x's UNet order scaled to two blocks: cross-attention in the down blocks but the last
+    (``CrossAttnDownBlock2D`` x3 + ``DownBlock2D``), mirrored going up, a cross-attention mid block."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        **extra,
+    ).eval()
+
+
+def tiny_safety_checker():
+    """SD1.x's ``StableDiffusionSafetyChecker`` + ``CLIPImageProcessor`` with a 1-layer, 32 px vision tower."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=16,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionSafetyChecker(config).eval(), processor
+
+
+def make_tiny_sd15(folder) -> Path:
+    """Save a stand-in of Stable Diffusion 1.5: a CLIP ViT-L-style text encoder (``quick_gelu``), SD's UNet
+    layout (conv ``proj_in``/``proj_out``, one head count for every block), epsilon prediction, the released
+    ``PNDMScheduler`` config (``skip_prk_steps``, ``steps_offset=1``), and a safety checker + feature extractor."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(_SEED)
+    tokenizer = tiny_clip_tokenizer()
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    safety_checker, feature_extractor = tiny_safety_checker()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        unet=_sd_layout_unet(cross_attention_dim=_CLIP_HIDDEN, attention_head_dim=2),
+        scheduler=scheduler,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        image_encoder=None,
+        requires_safety_checker=True,
+    )
+    return _save(pipe, folder)
+
+
+def make_tiny_sd21_v(folder) -> Path:
+    """Save a stand-in of Stable Diffusion 2.1 (768-v): an OpenCLIP-H-style text encoder (``gelu``), SD's UNet
+    layout with SD2's linear ``proj_in``/``proj_out``, per-block head counts and ``upcast_attention``,
+    v-prediction with the released ``DDIMScheduler`` config, no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(_SEED)
+    tokenizer = tiny_clip_tokenizer()
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    unet = _sd_layout_unet(cross_attention_dim=_CLIP_HIDDEN, attention_head_dim=(1, 2), use_linear_projection=True,
+                           upcast_attention=True)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_clip_text_model(tokenizer, hidden_act="gelu"),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return _save(pipe, folder)
+
+
+def make_tiny_flux_dev(folder) -> Path:
+    """Save a stand-in of FLUX.1-dev: the guidance embedding (``guidance_embeds=True``), CLIP (pooled) + T5
+    (tokenizer length 512, FluxPipeline's default), a 16-channel VAE without quant convs (FLUX's scaling and
+    shift), double blocks before single blocks (1 + 4, so that CLEAR's ``align_every: 4`` finds a single
+    block), and the released dynamic-shift ``FlowMatchEulerDiscreteScheduler`` config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(_SEED)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer(model_max_length=512)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=_CLIP_HIDDEN,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False),
+        text_encoder=tiny_clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5_encoder(tokenizer_2, d_model=32),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _save(pipe, folder)
+
+
 __all__ = [
     "T5_MAX_LENGTH",
     "TOKENIZER_CORPUS",
     "make_tiny_flux",
+    "make_tiny_flux_dev",
     "make_tiny_pixart",
     "make_tiny_sd",
+    "make_tiny_sd15",
+    "make_tiny_sd21_v",
     "make_tiny_sd3",
     "make_tiny_sdxl",
     "tiny_clip_text_model",

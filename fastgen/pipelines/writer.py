@@ -23,6 +23,7 @@ Export kinds:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -89,6 +90,27 @@ def build_pipeline(base: Any, replace: dict[str, Any]) -> Any:
     return pipe_cls(**{k: v for k, v in components.items() if k in params})
 
 
+@contextlib.contextmanager
+def _kept_components_in_float32(pipe: Any, replaced: dict[str, Any]):
+    """Write the teacher's kept components (text encoders a method held in ``teacher.dtype`` for training) in
+    float32, the dtype the teacher is loaded in, and restore them afterwards: transformers loads a checkpoint
+    in its stored dtype but diffusers in float32, so a bfloat16 text encoder beside a float32 UNet would not
+    sample after a plain ``DiffusionPipeline.from_pretrained(folder)``."""
+    lowered = []
+    for name, module in pipe.components.items():
+        if name in replaced or not isinstance(module, torch.nn.Module):
+            continue
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+            lowered.append((module, dtype))
+            module.to(torch.float32)
+    try:
+        yield
+    finally:
+        for module, dtype in lowered:
+            module.to(dtype)
+
+
 def _write_plan(plan: ExportPlan, folder: Path) -> None:
     if plan.kind == "pipeline":
         replace = dict(plan.replace)
@@ -99,7 +121,8 @@ def _write_plan(plan: ExportPlan, folder: Path) -> None:
                 if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype != plan.dtype:
                     replace[name] = copy.deepcopy(module).to(plan.dtype)
         pipe = build_pipeline(plan.base, replace)
-        pipe.save_pretrained(os.fspath(folder), safe_serialization=True)
+        with _kept_components_in_float32(pipe, replace):
+            pipe.save_pretrained(os.fspath(folder), safe_serialization=True)
         if plan.model_index:
             index_path = folder / "model_index.json"
             index = json.loads(index_path.read_text(encoding="utf-8"))
