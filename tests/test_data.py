@@ -391,6 +391,29 @@ def test_gzipped_shards_are_shards_and_checked(tmp_path):
     assert str(junk) in str(err.value)
 
 
+def test_shard_cache_holds_the_samples_in_stream_order(tmp_path):
+    """A latent cache of shards lists the samples as an unshuffled stream reads them (whatever data.seed says),
+    so a cached and a streamed run with train.shuffle=false see the same batches."""
+    from types import SimpleNamespace
+
+    from fastgen.data.shards import ShardStream
+
+    write_shards([(solid(COLORS[i % 6]), f"sample {i}") for i in range(7)], tmp_path / "s", per_shard=3)
+
+    class Encoder:
+        def encode(self, pixels):
+            return pixels[:, :1, ::2, ::2]
+
+        def encode_prompt(self, captions):
+            return SimpleNamespace(hidden=torch.tensor([[float(c.split()[1])] for c in captions]), pooled=None)
+
+    spec = DataConfig(source=str(tmp_path / "s"), latent_cache=True, cache_dir=str(tmp_path / "cache"), seed=5)
+    cache = build_dataset(spec, resolution=4, teacher=Encoder(), teacher_id="fake")
+    streamed = list(ShardStream(tmp_path / "s", resolution=4).configured(shuffle=False).iter_epoch(0))
+    assert [cache[i]["caption"] for i in range(len(cache))] == [x["caption"] for x in streamed] == [f"sample {i}" for i in range(7)]
+    assert [cache[i]["index"] for i in range(len(cache))] == [x["index"] for x in streamed]
+
+
 # --------------------------------------------------------------------------- prompts
 
 

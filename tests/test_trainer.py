@@ -3,6 +3,7 @@ gradient accumulation, 2-process DDP, sample grids / metrics / config, and clear
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -331,17 +332,113 @@ def test_optimizer_spec_errors(tmp_path):
         run_inprocess(tmp_path, "bad", {"max_steps": 1, "optimizers": {"bdy": {"learning_rate": 0.1}}}, {"two_groups": True})
     with pytest.raises(ConfigError, match="betas"):
         run_inprocess(tmp_path, "bad2", {"max_steps": 1, "optimizers": {"body": {"betas": [0.9, 1.5]}}}, {"two_groups": True})
-    import importlib.util
-
-    if importlib.util.find_spec("prodigyopt") is None:
-        with pytest.raises(ConfigError, match="pip install prodigyopt"):
-            run_inprocess(tmp_path, "bad4", {"max_steps": 1, "optimizers": {"model": {"optimizer": "prodigy"}}})
-    else:
-        trainer = run_inprocess(tmp_path, "prodigy", {"max_steps": 2, "optimizers": {"model": {"optimizer": "prodigy", "learning_rate": 1.0}}})
-        assert type(trainer.optimizers["model"]).__name__ == "Prodigy"
+    with pytest.raises(ConfigError, match="amsgrd"):
+        run_inprocess(tmp_path, "bad5", {"max_steps": 1, "optimizers": {"model": {"options": {"amsgrd": True}}}})
+    with pytest.raises(ConfigError, match="learning_rate instead"):
+        run_inprocess(tmp_path, "bad6", {"max_steps": 1, "optimizers": {"model": {"options": {"lr": 0.1}}}})
     with pytest.raises(ConfigError, match="makes 1 updates"):
         run_inprocess(tmp_path, "bad3", {"max_steps": 3, "optimizers": {"body": {"lr_scheduler": "cosine", "warmup_steps": 2}}},
                       {"two_groups": True, "body_every": 3})
+
+
+# --------------------------------------------------------------------------- Prodigy (optional prodigyopt)
+
+
+class StubProdigy(torch.optim.Optimizer):
+    """Stands in for prodigyopt.Prodigy: Adam-like, with a step-size estimate ``d`` in each param group
+    (as Prodigy keeps it) that grows every step, so a resume that lost it would train differently."""
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
+                 use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float("inf"),
+                 fsdp_in_use=False, slice_p=1):
+        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple, d=d0,
+                        d_coef=d_coef, k=0, use_bias_correction=use_bias_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["d"] = group["d"] * 1.5 + 1e-3 * group["d_coef"]
+            group["k"] += 1
+            beta1, _ = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                avg = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                p.add_(avg.sign(), alpha=-group["lr"] * group["d"])
+
+
+def stub_prodigyopt(monkeypatch):
+    import types
+
+    module = types.ModuleType("prodigyopt")
+    module.Prodigy = StubProdigy
+    monkeypatch.setitem(sys.modules, "prodigyopt", module)
+
+
+PRODIGY_TRAIN = {
+    "max_steps": 8,
+    "checkpoint_every": 4,
+    "optimizer": "prodigy",  # every group's default ...
+    "learning_rate": 1.0,
+    "weight_decay": 1e-4,
+    # ... but the head keeps AdamW with its own learning rate
+    "optimizers": {"body": {"options": {"d_coef": 2.0, "use_bias_correction": True}},
+                   "head": {"optimizer": "adamw", "learning_rate": 0.01}},
+}
+
+
+def test_prodigy_missing_package_is_a_clear_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # `import prodigyopt` fails, installed or not
+    for train in ({"max_steps": 1, "optimizer": "prodigy"}, {"max_steps": 1, "optimizers": {"model": {"optimizer": "prodigy"}}}):
+        with pytest.raises(ConfigError, match=r"pip install prodigyopt") as err:
+            run_inprocess(tmp_path, "no-prodigy", train)
+        assert "adamw" in str(err.value)
+        assert not (tmp_path / "no-prodigy").exists(), "fails before the run folder (or a teacher) is touched"
+    from fastgen.trainers.engine.optim import build_optimizer, resolve_spec
+
+    spec = resolve_spec("g", None, None, tbase.TrainConfig(optimizer="prodigy"))
+    with pytest.raises(ConfigError, match=r"pip install prodigyopt"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], spec, "g")
+
+
+def test_prodigy_wiring_per_group_and_exact_resume_with_a_stub(tmp_path, monkeypatch):
+    stub_prodigyopt(monkeypatch)
+    toy = {"two_groups": True, "body_every": 2}
+    trainer = run_inprocess(tmp_path, "prodigy", PRODIGY_TRAIN, toy)
+    body, head = trainer.optimizers["body"], trainer.optimizers["head"]
+    assert type(body) is StubProdigy and type(head) is torch.optim.AdamW
+    group = body.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1.0, (0.9, 0.999), 1e-8, 1e-4)
+    assert group["d_coef"] == 2.0 and group["use_bias_correction"] is True and group["k"] == 4
+    assert head.param_groups[0]["lr"] == 0.01
+    # the optimizer state dict round trip: d, k and the moments come back from the checkpoint at 4
+    middle = trainer.run_dir / "checkpoints" / "checkpoint-000004"
+    saved = torch.load(middle / ckpt.OPTIMIZER_FILE, weights_only=True)["optimizers"]["body"]
+    assert saved["param_groups"][0]["k"] == 2 and saved["param_groups"][0]["d"] > 1e-3
+    recipe = write_recipe(tmp_path / "prodigy-resumed.yaml", tmp_path / "prodigy-resumed", PRODIGY_TRAIN, toy)
+    resumed = trun.prepare_run(recipe, [], str(middle), evaluator=toy_evaluator)[0]
+    resumed.train(resume=str(middle))
+    assert resumed.optimizers["body"].param_groups[0]["d"] == group["d"]
+    assert max_diff(final_weights(resumed.run_dir), final_weights(trainer.run_dir)) <= 1e-6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prodigyopt") is None, reason="prodigyopt is not installed")
+def test_real_prodigy_trains_and_resumes_exactly(tmp_path):
+    from prodigyopt import Prodigy
+
+    train = {**PRODIGY_TRAIN, "optimizers": {"model": {"options": {"safeguard_warmup": True}}}}
+    trainer = run_inprocess(tmp_path, "real-prodigy", train)
+    opt = trainer.optimizers["model"]
+    assert type(opt) is Prodigy and opt.param_groups[0]["safeguard_warmup"] is True
+    assert opt.param_groups[0]["d"] > 1e-6, "Prodigy's step size estimate moved off d0"
+    middle = trainer.run_dir / "checkpoints" / "checkpoint-000004"
+    recipe = write_recipe(tmp_path / "real-resumed.yaml", tmp_path / "real-resumed", train)
+    resumed = trun.prepare_run(recipe, [], str(middle), evaluator=toy_evaluator)[0]
+    resumed.train(resume=str(middle))
+    assert resumed.optimizers["model"].param_groups[0]["d"] == opt.param_groups[0]["d"]
+    assert max_diff(final_weights(resumed.run_dir), final_weights(trainer.run_dir)) <= 1e-6
 
 
 def test_prompt_only_method_trains_and_resumes_exactly(tmp_path):

@@ -232,8 +232,9 @@ class EmbeddingCache:
         dtype: torch.dtype | None,
         num_workers: int,
     ) -> dict[str, Any]:
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
+        loader = torch.utils.data.DataLoader(  # a private generator: building a cache leaves the global RNG alone
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+            generator=torch.Generator().manual_seed(0),
         )
         shards: list[dict[str, Any]] = []
         pending: dict[str, list[torch.Tensor]] = {}

@@ -17,6 +17,7 @@ starts (:func:`fastgen.data.sources.build_dataset` runs it).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,6 +44,7 @@ from fastgen.data.folders import (
     warn_long_captions,
     whitespace_tokens,
 )
+from fastgen.data.streaming import BAD_KEY, LONG_CAPTION_KEY, POSITION_KEY, StreamBatches, StreamPosition
 from fastgen.errors import DataError
 from fastgen.io import atomic_file
 
@@ -54,7 +57,7 @@ except Exception:  # pragma: no cover - exercised only without webdataset
     HAVE_WEBDATASET = False
 
 __all__ = [
-    "ImageCaptionShards", "check_shards", "expand_shards", "write_shards", "IMAGE_KEYS", "CAPTION_KEYS", "SHARD_SUFFIXES",
+    "ImageCaptionShards", "ShardStream", "check_shards", "expand_shards", "write_shards", "IMAGE_KEYS", "CAPTION_KEYS", "SHARD_SUFFIXES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,6 +193,18 @@ def _caption_of(sample: dict[str, Any]) -> str | None:
                 if isinstance(record.get(key), str):
                     return record[key].strip()
     return None
+
+
+def _decode_sample(sample: dict[str, Any], size: tuple[int, int], center_crop: bool) -> tuple[Image.Image, str]:
+    """The image (resized / cropped to ``size``) and caption of a raw sample; raises on anything unreadable."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise DataError(f"no image member (expected one of {', '.join(IMAGE_KEYS)})")
+    caption = _caption_of(sample)
+    if caption is None:
+        raise DataError("no caption (expected a txt/caption member or a json with a caption/text/prompt field)")
+    img = decode_image(bytes(sample[image_key]))
+    return resize_center_crop(img, size, center_crop), caption
 
 
 def check_shards(paths: Iterable[str]) -> None:
@@ -371,14 +386,7 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
         return record
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
-            raise DataError(f"no image member (expected one of {', '.join(IMAGE_KEYS)})")
-        caption = _caption_of(sample)
-        if caption is None:
-            raise DataError("no caption (expected a txt/caption member or a json with a caption/text/prompt field)")
-        img = decode_image(bytes(sample[image_key]))
-        img = resize_center_crop(img, self.size, self.center_crop)
+        img, caption = _decode_sample(sample, self.size, self.center_crop)
         if self.random_flip and bool(torch.rand(()) < 0.5):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(img), caption
@@ -465,6 +473,312 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
             f"ImageCaptionShards(shards={len(self.shards)}, size={h}x{w}, rank={self.rank}/"
             f"{self.world_size}, split={self.split})"
         )
+
+
+# --------------------------------------------------------------------------- streaming for training
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+#: raw sample refs: (shard number, position in the shard, key, members); a member is (offset, size) in
+#: an uncompressed shard (read when the sample is decoded) or the member's bytes (compressed shards)
+_Ref = tuple[int, int, str, dict[str, Any]]
+#: at most this many names of unreadable samples are kept for error messages
+_MAX_BAD_NAMES = 1000
+
+
+def _is_compressed(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return any(head.startswith(m) for m in _COMPRESSED_MAGIC)
+
+
+def _scan_shard(path: str, want: Callable[[], bool], on_error) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The samples of one shard in tar order as ``(key, members)`` (webdataset's grouping: consecutive
+    members with the same key), reading as little as possible.
+
+    An uncompressed shard is read header by header (``members``: ext -> ``(offset, size)`` of the data,
+    which is read only when the sample is decoded); a compressed one (gz/bz2/xz) front to back, keeping
+    a sample's bytes only when ``want()`` (asked once, when the sample's first member is met) is true.
+    A read error ends the shard (``on_error(exc)``); the samples before it are yielded.
+    """
+    compressed = _is_compressed(path)
+    key: str | None = None
+    members: dict[str, Any] = {}
+    keep = True
+    try:
+        with tarfile.open(path, mode="r|*" if compressed else "r:") as tar:
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                tar.members.clear()  # tarfile remembers every member; a shard is read once, in order
+                if not info.isreg():
+                    continue
+                k, ext = _split_name(info.name)
+                if k is None or ext is None or os.path.basename(k).startswith("__"):
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                    keep = want() if compressed else True
+                if not compressed:
+                    members[ext.lower()] = (info.offset_data, info.size)
+                elif keep:
+                    fh = tar.extractfile(info)
+                    members[ext.lower()] = fh.read() if fh is not None else b""
+    except Exception as exc:  # a damaged shard: keep what was read before the damage
+        on_error(exc)
+    if key is not None:
+        yield key, members
+
+
+class _MemberReader:
+    """Reads ``(offset, size)`` members of uncompressed shards through a few open files."""
+
+    def __init__(self, max_open: int = 8) -> None:
+        self.max_open = max_open
+        self._files: dict[str, Any] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        fh = self._files.pop(path, None) or open(path, "rb")
+        self._files[path] = fh  # most recently used last
+        while len(self._files) > self.max_open:
+            self._files.pop(next(iter(self._files))).close()
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise DataError(f"the shard ends inside this sample ({len(data)} of {size} bytes); it is truncated")
+        return data
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Webdataset shards as an endless, exactly resumable training stream (no latent cache needed).
+
+    Items are ``{"pixels", "caption", "index", "key"}`` as from :class:`ImageCaptionShards` (``index`` =
+    shard number x 10**8 + position in the shard); the VAE and the text encoder run in the training step.
+    The trainer reads it through :meth:`batches` (the :class:`~fastgen.data.streaming.StreamingDataset`
+    contract), which sets the process's place and the data order:
+
+    * **order of epoch e** (``shuffle``): the shard list in a permutation drawn from ``(seed, e)``, read
+      sample by sample; without ``shuffle`` the listed order, every epoch;
+    * **per-rank split**: sample ``g`` of epoch ``e`` (counted over all shards) goes to rank ``g % world_size``,
+      so ranks see disjoint shares whose sizes differ by at most one, and together every sample once per epoch;
+    * **shuffle buffer**: each rank shuffles its share through a buffer of ``shuffle_buffer`` samples (a
+      generator seeded by ``(seed, e, rank)``). The buffer holds where each sample lies in its shard, not
+      its bytes (compressed shards: its bytes), so a buffer of 10,000 costs little memory;
+    * **position**: ``(epoch, offset)`` = raw samples of the epoch already consumed, unreadable ones
+      included; a resume skips them reading tar headers only (nothing is decoded).
+
+    Flips (``random_flip``) and caption dropout draw from a generator seeded by the sample's position, so
+    they too repeat exactly after a resume and do not depend on DataLoader workers. Unreadable samples
+    are skipped and counted; once 20 samples were seen, and at every epoch end, a valid fraction below
+    ``min_valid_fraction`` raises :class:`DataError` naming them. Captions longer than
+    ``max_caption_tokens`` (counted with ``count_tokens``) are reported once, after the first epoch with any.
+
+    Iterating a ShardStream directly yields rank 0 of 1's samples endlessly (seed 0, shuffled);
+    :meth:`iter_epoch` yields one epoch of this configuration.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        resolution: int | tuple[int, int] = 512,
+        *,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        min_valid_fraction: float = 0.9,
+        shuffle_buffer: int = 10000,
+        max_caption_tokens: int | None = None,
+        count_tokens: Callable[[str], int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards = expand_shards(shards)
+        self.size = normalize_resolution(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        if not 0.0 <= min_valid_fraction <= 1.0:
+            raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
+        if shuffle_buffer < 0:
+            raise DataError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}; pass e.g. 10000 (0: no sample shuffle)")
+        self.min_valid_fraction = float(min_valid_fraction)
+        self.caption_dropout = float(caption_dropout)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.max_caption_tokens = _caption_limit(max_caption_tokens)
+        self.count_tokens: Callable[[str], int] = count_tokens or whitespace_tokens
+        self._warned_long_captions = False
+        # the place and order of this stream (set by batches / configured)
+        self.rank, self.world_size, self.seed, self.shuffle = 0, 1, 0, True
+        self.start = StreamPosition()
+        self.shard_errors: list[str] = []
+
+    # ------------------------------------------------------------------ configuration
+    def configured(self, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                   start: StreamPosition = StreamPosition()) -> "ShardStream":
+        """A copy reading rank ``rank`` of ``world_size``'s share in the order of ``seed`` from ``start``."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}; pass 0 <= rank < world_size")
+        stream = copy.copy(self)
+        stream.rank, stream.world_size, stream.seed, stream.shuffle = int(rank), int(world_size), int(seed), bool(shuffle)
+        stream.start = start
+        stream.shard_errors = []
+        return stream
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: StreamPosition = StreamPosition(),
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> StreamBatches:
+        """This rank's endless micro-batches from ``start`` (:class:`~fastgen.data.streaming.StreamBatches`)."""
+        stream = self.configured(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, start=start)
+        return StreamBatches(stream, batch_size, start=start, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
+                             on_bad=stream._check_bad, on_epoch_end=stream._epoch_done)
+
+    # ------------------------------------------------------------------ the raw sequence
+    def _on_shard_error(self, shard: str):
+        def record(exc: BaseException) -> None:
+            msg = f"{shard}: {type(exc).__name__}: {exc}"
+            self.shard_errors.append(msg)
+            logger.warning("error while reading shard %s; skipping the rest of it", msg)
+
+        return record
+
+    def _shard_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))]
+
+    def _rank_share(self, epoch: int) -> Iterator[_Ref]:
+        """This rank's raw samples of ``epoch`` in shard order (every world_size-th one)."""
+        counter = 0  # samples of the epoch so far, over all shards and ranks
+        rank, world = self.rank, self.world_size
+
+        def want() -> bool:
+            return counter % world == rank
+
+        for pos in self._shard_order(epoch):
+            shard = self.shards[pos]
+            for j, (key, members) in enumerate(_scan_shard(shard, want, self._on_shard_error(shard))):
+                if counter % world == rank:
+                    yield pos, j, key, members
+                counter += 1
+        if counter < world:
+            raise DataError(
+                f"the shards hold {counter} readable sample(s) in epoch {epoch}, fewer than the {world} training "
+                f"processes (rank {rank} gets none); add data or use fewer processes"
+            )
+
+    def epoch_refs(self, epoch: int) -> Iterator[_Ref]:
+        """This rank's raw samples of ``epoch`` in the order they are trained on (after the shuffle buffer)."""
+        share = self._rank_share(epoch)
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from share
+            return
+        rng = random.Random(f"fastgen-shard-stream:{self.seed}:{epoch}:{self.rank}")
+        buffer: list[_Ref] = []
+        for ref in share:
+            buffer.append(ref)
+            if len(buffer) >= self.shuffle_buffer:
+                k = rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # ------------------------------------------------------------------ items
+    def _item(self, ref: _Ref, epoch: int, offset: int, reader: _MemberReader) -> dict[str, Any]:
+        pos, j, key, members = ref
+        shard = self.shards[pos]
+        name = f"{shard}:{key}"
+        position = (epoch, offset)
+        try:
+            image_key = next((k for k in IMAGE_KEYS if k in members), None)
+            wanted = [k for k in (image_key, *CAPTION_KEYS, "json") if k is not None and k in members]
+            sample = {k: (members[k] if isinstance(members[k], bytes) else reader.read(shard, *members[k])) for k in wanted}
+            sample["__key__"] = key
+            img, caption = _decode_sample(sample, self.size, self.center_crop)
+        except Exception as exc:
+            logger.warning("skipping unreadable sample %s (%s: %s)", name, type(exc).__name__, exc)
+            return {POSITION_KEY: position, BAD_KEY: f"{name}: {type(exc).__name__}: {exc}"}
+        long_caption = self.max_caption_tokens is not None and self.count_tokens(caption) > self.max_caption_tokens
+        if self.random_flip or self.caption_dropout > 0:
+            rng = random.Random(f"fastgen-shard-sample:{self.seed}:{epoch}:{self.rank}:{offset}")
+            if self.random_flip and rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+                caption = ""
+        item: dict[str, Any] = {"pixels": image_to_tensor(img), "caption": caption, "index": pos * 10**8 + j, "key": name,
+                                POSITION_KEY: position}
+        if long_caption:
+            item[LONG_CAPTION_KEY] = True
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Every raw sample from :attr:`start` on, epoch after epoch, as an item or an unreadable-sample marker;
+        DataLoader worker ``w`` of ``K`` produces raw samples ``n`` (counted from the start) with ``n % K == w``."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        reader = _MemberReader()
+        epoch, skip, n = self.start.epoch, self.start.offset, 0
+        try:
+            while True:
+                for offset, ref in enumerate(self.epoch_refs(epoch)):
+                    if skip:
+                        skip -= 1
+                        continue
+                    if n % workers == worker:
+                        yield self._item(ref, epoch, offset, reader)
+                    n += 1
+                epoch += 1
+        finally:
+            reader.close()
+
+    def iter_epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """One epoch of this rank's readable samples, in training order (unreadable ones left out)."""
+        reader = _MemberReader()
+        try:
+            for offset, ref in enumerate(self.epoch_refs(epoch)):
+                item = self._item(ref, epoch, offset, reader)
+                if BAD_KEY not in item:
+                    item.pop(POSITION_KEY)
+                    item.pop(LONG_CAPTION_KEY, None)
+                    yield item
+        finally:
+            reader.close()
+
+    # ------------------------------------------------------------------ checks (main process)
+    def _where(self) -> str:
+        return f"the shards ({len(self.shards)} files, rank {self.rank} of {self.world_size})"
+
+    def _check_bad(self, num_bad: int, num_seen: int, bad_files: list[str], epoch_end: bool) -> None:
+        del bad_files[_MAX_BAD_NAMES:]
+        if epoch_end or num_seen >= MIN_SEEN_FOR_CHECK:
+            check_valid_fraction(num_bad, num_seen, self.min_valid_fraction, bad_files, self._where())
+
+    def _epoch_done(self, epoch: int, stats: dict[str, int]) -> None:
+        limit = self.max_caption_tokens
+        if limit is not None and stats["long_captions"] and not self._warned_long_captions:
+            self._warned_long_captions = True
+            warn_long_captions(self._where(), stats["long_captions"], stats["seen"] - stats["bad"], limit, self.count_tokens)
+
+    def __repr__(self) -> str:
+        h, w = self.size
+        return (f"ShardStream(shards={len(self.shards)}, size={h}x{w}, rank={self.rank}/{self.world_size}, "
+                f"shuffle={self.shuffle}, shuffle_buffer={self.shuffle_buffer}, start={self.start})")
 
 
 # --------------------------------------------------------------------------- writing

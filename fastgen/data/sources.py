@@ -5,8 +5,9 @@
 ==========================  ==================================================================
 ``digits``                  the embedded digits world (pixels in [-1, 1] + captions)
 a folder of images          ``img.png`` + ``img.txt`` pairs or ``metadata.jsonl``
-webdataset shards           a ``.tar`` path, a brace pattern or a folder of ``.tar`` files
-                            (``data.latent_cache=true`` needed: the trainer reads by index)
+webdataset shards           a ``.tar`` path, a brace pattern or a folder of ``.tar`` files, read either
+                            as a stream (``data.streaming=true``: encoded in the training step) or
+                            once into a latent cache (``data.latent_cache=true``)
 an embedding-cache folder   a complete :class:`~fastgen.data.cache.EmbeddingCache` (``index.json``)
 ``prompts``                 prompt-only data for data-free methods: ``data.prompts`` (a prompt file)
                             or ``data.num_samples`` balanced digits-world captions
@@ -18,6 +19,12 @@ With ``latent_cache`` the images and captions are encoded once by the teacher (V
 text embeddings) into ``cache_dir`` and training reads the cache (no VAE encode or text encoder
 per step). Items are dicts the default collate stacks: ``pixels``/``latents``, ``caption``,
 ``hidden``/``pooled`` (cached text), ``index``.
+
+With ``streaming`` the shards are a :class:`~fastgen.data.shards.ShardStream`: nothing is encoded
+before the first step, the trainer reads it through :mod:`fastgen.data.streaming` (per-rank shares,
+a per-epoch shuffle seeded by ``train.seed``, a shuffle buffer of ``shuffle_buffer`` samples) and a
+checkpoint records each rank's position in the stream, so a resume continues exactly. On the same
+samples in the same order (``train.shuffle=false``) a streamed and a cached run take the same steps.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from fastgen.data.cache import CachedDataset, EmbeddingCache, cache_key
 from fastgen.data.digits import DigitsDataset
 from fastgen.data.folders import ImageCaptionFolder
 from fastgen.data.prompts import load_prompts
-from fastgen.data.shards import SHARD_SUFFIXES, ImageCaptionShards, check_shards, expand_shards
+from fastgen.data.shards import SHARD_SUFFIXES, ImageCaptionShards, ShardStream, check_shards, expand_shards
 from fastgen.data.teacher_samples import load_or_generate
 from fastgen.errors import ConfigError, DataError
 
@@ -53,6 +60,10 @@ class DataConfig:
             sources; ``None`` = balanced digits-world captions.
         num_samples: number of prompts (and of teacher samples) those sources use.
         latent_cache: encode images and captions once with the teacher and train from the cache.
+        streaming: train on webdataset shards as a stream, encoding each batch in the training step
+            (no cache to build first; exactly resumable; see the module docstring).
+        shuffle_buffer: samples in each process's shuffle buffer of a stream (0: shard order only). It
+            holds where samples lie in their shards, not their pixels (compressed shards: their bytes).
         vae_sample: encode images with a sample of the VAE posterior instead of its mean (only
             without ``latent_cache``, which stores one latent per image; see the README).
         cache_dir: where caches go; ``None`` = ``$FASTGEN_CACHE`` (or ``~/.cache/fastgen``).
@@ -66,6 +77,8 @@ class DataConfig:
     prompts: str | None = None
     num_samples: int = 1000
     latent_cache: bool = False
+    streaming: bool = False
+    shuffle_buffer: int = 10000
     vae_sample: bool = False
     cache_dir: str | None = None
     cache_batch_size: int = 64
@@ -77,6 +90,13 @@ class DataConfig:
         for name in ("num_samples", "cache_batch_size", "teacher_steps", "teacher_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}; e.g. 10000 (0: no sample shuffle)")
+        if self.streaming and self.latent_cache:
+            raise ConfigError(
+                "data.streaming=true and data.latent_cache=true exclude each other: stream the shards and encode "
+                "each batch in the training step, or encode them once into a cache; turn one of them off"
+            )
         if self.vae_sample and self.latent_cache:
             raise ConfigError(
                 "data.vae_sample=true needs data.latent_cache=false (a cache stores one latent per image); "
@@ -179,7 +199,8 @@ def build_dataset(
     count_tokens: Callable[[str], int] | None = None,
     max_caption_tokens: int | None = None,
 ) -> torch.utils.data.Dataset:
-    """The training dataset of ``spec`` (map-style).
+    """The training dataset of ``spec``: map-style, or a :class:`~fastgen.data.shards.ShardStream`
+    (``data.streaming``; a :class:`~fastgen.data.streaming.StreamingDataset` the trainer reads by position).
 
     Args:
         resolution: image size of image sources.
@@ -197,6 +218,11 @@ def build_dataset(
     kind = source_kind(spec)
     if kind not in accepts:
         raise ConfigError(f"data.source '{spec.source}' is a {kind} source, but this method trains on {' / '.join(accepts)}")
+    if spec.streaming and kind != "shards":
+        raise ConfigError(
+            f"data.streaming=true streams webdataset shards, but data.source '{spec.source}' is a {kind} source "
+            "(read by index already); set data.streaming=false"
+        )
     if kind == "prompts":
         return PromptList(source_prompts(spec))
     if kind == "teacher-samples":
@@ -222,8 +248,11 @@ def build_dataset(
     elif kind == "shards":
         # An empty, non-tar or sample-less shard is named here, before any advice about the cache.
         check_shards(expand_shards(spec.source))
-        raw = ImageCaptionShards(spec.source, resolution=resolution, shuffle_shards=True, shuffle_buffer=1000, seed=spec.seed,
-                                 **captions)
+        if spec.streaming:
+            return ShardStream(spec.source, resolution=resolution, shuffle_buffer=spec.shuffle_buffer, **captions)
+        # the cache holds the samples in shard order (index i = the i-th sample a stream reads without shuffling);
+        # the trainer's sampler shuffles
+        raw = ImageCaptionShards(spec.source, resolution=resolution, rank=0, world_size=1, split="shard", **captions)
     else:
         raw = ImageCaptionFolder(Path(spec.source), resolution=resolution, **captions)
     if spec.latent_cache:
@@ -232,7 +261,8 @@ def build_dataset(
         return build_latent_cache(spec, raw, teacher, teacher_id, resolution)
     if isinstance(raw, torch.utils.data.IterableDataset):
         raise DataError(
-            f"data.source '{spec.source}' is a stream of webdataset shards without a length, but the trainer needs a "
-            "map-style dataset; set data.latent_cache=true to encode the shards once into a cache"
+            f"data.source '{spec.source}' is webdataset shards, which train as a stream or from a cache: set "
+            "data.streaming=true to encode each batch in the training step (no pass over the data first), or "
+            "data.latent_cache=true to encode the shards once into a cache"
         )
     return raw

@@ -606,6 +606,9 @@ class Teacher(torch.nn.Module):
         elif "pixels" in batch:
             with torch.autocast(device_type=device.type, enabled=False):  # the VAE encodes in its own dtype
                 latents = self.encode(batch["pixels"].to(device=device, dtype=torch.float32), sample=vae_sample).float()
+            # contiguous like collated cached latents: the VAE's output may be channels_last, and randn_like(latents)
+            # would then draw other noise than a cached run does for the same samples and seed
+            latents = latents.contiguous()
         else:
             raise DataError(f"a {what} batch needs 'pixels' (images in [-1, 1]) or 'latents' (a cache); got {sorted(batch)}")
         if "hidden" in batch:

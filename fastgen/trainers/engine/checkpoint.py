@@ -6,7 +6,7 @@ Layout (see :mod:`fastgen.trainers.method`)::
       checkpoint-000200/        a finished checkpoint (only ever created by a rename)
         model.safetensors       Method.checkpoint_state_dict()
         optimizers.pt           optimizer + LR scheduler (+ grad scaler) states, weights_only-safe
-        trainer_state.json      step, epoch, data position, counters, file names
+        trainer_state.json      step, epoch, data position (a stream: every rank's position), counters, file names
         rng.pt                  RNG states of rank 0 (rng-rank<r>.pt for the other ranks)
       latest                    text: the name of the newest finished checkpoint
 

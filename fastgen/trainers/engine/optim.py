@@ -14,11 +14,23 @@ GAN discriminator's betas) and then to the ``train:`` section's global value (``
 The LR schedule of a group counts **that group's own updates**: a group that steps every third
 iteration (``Method.optimizers_to_step``) warms up over its first ``warmup_steps`` updates, and a
 cosine/linear schedule decays over the updates it will make in ``train.max_steps`` iterations.
+
+``prodigy`` is Prodigy (Mishchenko & Defazio, the ``prodigyopt`` package, an optional dependency:
+``pip install prodigyopt`` or ``pip install fastgen[prodigy]``): an Adam variant that estimates its own
+step size ``d``; ``learning_rate`` is a multiplier on that estimate (1.0 as recommended), and the LR
+schedule scales it as usual. Its own knobs go in ``options`` (``d_coef``, ``use_bias_correction``,
+``safeguard_warmup``, ``growth_rate``, ``beta3``, ``decouple``). ``d`` and the running sums live in the
+optimizer's state dict, so checkpoints resume it exactly::
+
+    train:
+      optimizer: prodigy             # every group's default (the train: value used when no spec names one)
+      learning_rate: 1.0
+      optimizers:
+        student: {options: {use_bias_correction: true, safeguard_warmup: true}}
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -27,7 +39,10 @@ import torch
 
 from fastgen.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "ResolvedSpec", "build_optimizer", "lr_lambda", "resolve_spec"]
+__all__ = [
+    "OPTIMIZERS", "OptimizerSpec", "ResolvedSpec", "build_optimizer", "check_optimizers_available", "lr_lambda",
+    "optimizer_class", "resolve_spec",
+]
 
 #: optimizer names a spec may use
 OPTIMIZERS = ("adamw", "adam", "sgd", "prodigy")
@@ -51,6 +66,9 @@ class OptimizerSpec:
         lr_scheduler: ``constant``, ``constant_with_warmup``, ``cosine`` or ``linear``.
         warmup_steps: warm-up length in this group's own updates.
         foreach: use the multi-tensor (foreach) optimizer implementation where torch has one.
+        options: further keyword arguments of the optimizer class, e.g. Prodigy's
+            ``{d_coef: 1.0, use_bias_correction: true, safeguard_warmup: true}`` or AdamW's
+            ``{amsgrad: true}``; a key the class does not take is a ConfigError.
     """
 
     optimizer: Literal["adamw", "adam", "sgd", "prodigy"] | None = None
@@ -64,6 +82,7 @@ class OptimizerSpec:
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] | None = None
     warmup_steps: int | None = None
     foreach: bool | None = None
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +102,9 @@ class ResolvedSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out["options"] = dict(self.extra)
+        return out
 
 
 def _merge(*specs: OptimizerSpec | None) -> OptimizerSpec:
@@ -104,7 +125,7 @@ def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: Optim
     legacy_lr = getattr(train, "learning_rates", {}).get(group)
     legacy = OptimizerSpec(learning_rate=legacy_lr) if legacy_lr is not None else None
     merged = _merge(recipe, legacy, method_default)
-    name = merged.optimizer or "adamw"
+    name = merged.optimizer or getattr(train, "optimizer", None) or "adamw"
     if name not in OPTIMIZERS:
         raise ConfigError(f"train.optimizers.{group}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     lr = merged.learning_rate if merged.learning_rate is not None else train.learning_rate
@@ -128,7 +149,14 @@ def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: Optim
         lr_scheduler=sched,
         warmup_steps=int(merged.warmup_steps if merged.warmup_steps is not None else train.warmup_steps),
         foreach=merged.foreach,
+        extra=dict(merged.options or {}),
     )
+    reserved = sorted(set(spec.extra) & set(_SPEC_KEYWORDS))
+    if reserved:
+        raise ConfigError(
+            f"train.optimizers.{group}.options sets {reserved[0]!r}, which the spec itself sets; use "
+            f"train.optimizers.{group}.{_SPEC_KEYWORDS[reserved[0]]} instead"
+        )
     if not (spec.learning_rate > 0 and math.isfinite(spec.learning_rate)):
         raise ConfigError(f"the learning rate of optimizer '{group}' must be a positive finite number, got {spec.learning_rate}")
     if spec.max_grad_norm is not None and not spec.max_grad_norm > 0:
@@ -138,24 +166,67 @@ def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: Optim
     return spec
 
 
-def build_optimizer(params: list[torch.nn.Parameter], spec: ResolvedSpec) -> torch.optim.Optimizer:
-    """The torch optimizer of ``spec`` over ``params``."""
-    common: dict[str, Any] = {"lr": spec.learning_rate, "weight_decay": spec.weight_decay}
-    if spec.foreach is not None and spec.optimizer != "prodigy":
-        common["foreach"] = spec.foreach
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, betas=spec.betas, eps=spec.eps, **common)
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, betas=spec.betas, eps=spec.eps, **common)
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, momentum=spec.momentum, **common)
-    if importlib.util.find_spec("prodigyopt") is None:
-        raise ConfigError(
-            "optimizer 'prodigy' needs the prodigyopt package (`pip install prodigyopt`); or choose adamw/adam/sgd"
-        )
-    from prodigyopt import Prodigy
+#: optimizer keyword -> the spec field that sets it (``options`` may not set these)
+_SPEC_KEYWORDS = {"lr": "learning_rate", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
+                  "momentum": "momentum", "foreach": "foreach", "params": "(the method's parameter group)"}
+_PRODIGY_HINT = "`pip install prodigyopt` (or `pip install fastgen[prodigy]`)"
 
-    return Prodigy(params, betas=spec.betas, eps=spec.eps, **common)
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class of ``name`` (one of :data:`OPTIMIZERS`).
+
+    Raises:
+        ConfigError: ``prodigy`` without the ``prodigyopt`` package (naming ``pip install prodigyopt``).
+    """
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adam":
+        return torch.optim.Adam
+    if name == "sgd":
+        return torch.optim.SGD
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ConfigError(
+                f"optimizer 'prodigy' needs the prodigyopt package, which is not installed: {_PRODIGY_HINT}; "
+                "or choose adamw/adam/sgd (train.optimizer / train.optimizers.<group>.optimizer)"
+            ) from exc
+        return Prodigy
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def check_optimizers_available(train: Any) -> None:
+    """Fail fast (before a teacher is loaded) when the ``train:`` section names an optimizer whose package
+    is missing: ``train.optimizer`` and every ``train.optimizers.<group>.optimizer``."""
+    names = {getattr(train, "optimizer", None)}
+    names.update(getattr(spec, "optimizer", None) for spec in (getattr(train, "optimizers", None) or {}).values())
+    for name in sorted(n for n in names if n):
+        if name in OPTIMIZERS:
+            optimizer_class(name)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], spec: ResolvedSpec, group: str = "") -> torch.optim.Optimizer:
+    """The torch optimizer of ``spec`` over ``params`` (``group`` names it in errors)."""
+    cls = optimizer_class(spec.optimizer)
+    kwargs: dict[str, Any] = {"lr": spec.learning_rate, "weight_decay": spec.weight_decay}
+    if spec.optimizer == "sgd":
+        kwargs["momentum"] = spec.momentum
+    else:
+        kwargs.update(betas=spec.betas, eps=spec.eps)
+    if spec.foreach is not None and spec.optimizer != "prodigy":  # Prodigy has no foreach switch
+        kwargs["foreach"] = spec.foreach
+    kwargs.update(spec.extra)
+    try:
+        return cls(params, **kwargs)
+    except TypeError as exc:
+        where = f"train.optimizers.{group or '<group>'}.options"
+        raise ConfigError(
+            f"{where} has an option {cls.__name__} does not take ({exc}); its keyword arguments are listed in "
+            f"the {cls.__module__}.{cls.__name__} documentation"
+        ) from exc
+    except ValueError as exc:  # torch's and Prodigy's own range checks (e.g. "Invalid beta parameter")
+        raise ConfigError(f"optimizer '{group or spec.optimizer}' ({cls.__name__}): {exc}") from exc
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_updates: int):

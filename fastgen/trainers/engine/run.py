@@ -39,6 +39,7 @@ from fastgen.config import config_to_dict, load_config, read_recipe, save_config
 from fastgen.errors import ConfigError
 from fastgen.io import check_folder, claim_folder
 from fastgen.trainers.engine import checkpoint as ckpt
+from fastgen.trainers.engine.optim import check_optimizers_available
 from fastgen.trainers.engine.trainer import CONFIG_CHANGES_FILE, TrainConfig, Trainer, make_accelerator
 from fastgen.data.sources import DataConfig
 from fastgen.models.spec import TeacherConfig
@@ -447,6 +448,7 @@ def prepare_run(
         CheckpointError: nothing to resume from, or its trainer state is corrupt.
     """
     cfg, method_cls = load_run_config(recipe, overrides)
+    check_optimizers_available(cfg.train)  # e.g. prodigy without prodigyopt: before any folder or teacher
     run_dir = Path(cfg.output_dir)
     check_folder(run_dir, "run", error=ConfigError)
     if resume is None and _has_checkpoints(run_dir):

@@ -8,7 +8,9 @@ step at an iteration, one loss per group); the :class:`Trainer` does everything 
 * one optimizer + LR schedule per parameter group from its spec (:mod:`.optim`: class, betas, eps,
   weight decay, clipping, a schedule counted in the group's own updates); gradient accumulation;
 * gradient clipping with a NaN/Inf guard (skip the step, count, abort after N in a row);
-* deterministic, resumable data order (:class:`ShardedBatchSampler`);
+* deterministic, resumable data order: a map-style dataset through :class:`ShardedBatchSampler`, a
+  stream (:class:`~fastgen.data.streaming.StreamingDataset`, e.g. webdataset shards with
+  ``data.streaming``) through its own per-rank batches, each rank's stream position saved in checkpoints;
 * tqdm progress, tensorboard/wandb scalars, sample grids, a periodic evaluator given from outside
   (``evaluator(method, step)``; ``fastgen train`` passes the digits-world evaluator);
 * atomic checkpoints (:mod:`fastgen.trainers.engine.checkpoint`) and exact resume.
@@ -57,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fastgen.data.streaming import StreamBatches, StreamingDataset, StreamPosition, start_position
 from fastgen.errors import ConfigError, DataError, FastgenError
 from fastgen.io import atomic_write_text, save_image_grid
 from fastgen.trainers.engine import checkpoint as ckpt
@@ -97,6 +100,9 @@ class TrainConfig:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: optimizer of every parameter group unless its spec (``optimizers``) or the method's default names one;
+    #: ``prodigy`` needs the optional ``prodigyopt`` package and usually ``learning_rate: 1.0``
+    optimizer: Literal["adamw", "adam", "sgd", "prodigy"] = "adamw"
     #: learning rate of every optimizer unless its spec (``optimizers``) or ``learning_rates`` names one
     learning_rate: float = 1e-4
     #: per-optimizer learning rates, e.g. {disc: 2e-4}
@@ -124,6 +130,9 @@ class TrainConfig:
     log_every: int = 10
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     seed: int = 0
+    #: shuffle the data each epoch (seeded by ``seed``); false: the dataset's own order, e.g. to compare a
+    #: streamed and a cached run sample by sample
+    shuffle: bool = True
     num_workers: int = 0
     progress: bool = True
 
@@ -369,7 +378,7 @@ class Trainer:
                     f"optimizer '{name}' makes {updates[name]} updates in train.max_steps={config.max_steps} iterations, "
                     f"not more than its warmup_steps ({spec.warmup_steps}); lower the warm-up or train longer"
                 )
-            opt = build_optimizer(params, spec)
+            opt = build_optimizer(params, spec, name)
             self.optimizers[name] = opt
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(spec.lr_scheduler, spec.warmup_steps, updates[name])
@@ -388,6 +397,10 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.last_checkpoint: Path | None = None
         self.sampler: ShardedBatchSampler | None = None
+        #: the stream's batches when the dataset is a StreamingDataset (else None)
+        self.stream: StreamBatches | None = None
+        #: where this rank's stream starts (restored from a checkpoint's ``stream`` entry)
+        self.stream_start = StreamPosition()
         self.last_logs: dict[str, float] = {}
 
     # ---- setup ----------------------------------------------------------------------------
@@ -461,31 +474,49 @@ class Trainer:
         self._prepare_run_dir()
         set_seed(cfg.seed + self.rank)
 
+        # building the data (a latent cache, teacher samples) must not move the training RNG streams: a run
+        # that finds its cache takes the same steps as the run that built it
+        rng_before = ckpt.capture_rng_state()
         dataset = self.method.train_dataset()
-        try:
-            num_items = len(dataset)  # type: ignore[arg-type]
-        except TypeError:
-            raise DataError(
-                f"method '{self.method.name}'.train_dataset() returned a {type(dataset).__name__} without len(); "
-                "it must be a map-style dataset"
-            ) from None
+        ckpt.restore_rng_state(rng_before)
+        streaming = isinstance(dataset, StreamingDataset)
+        num_items = 0
+        if not streaming:
+            try:
+                num_items = len(dataset)  # type: ignore[arg-type]
+            except TypeError:
+                raise DataError(
+                    f"method '{self.method.name}'.train_dataset() returned a {type(dataset).__name__} without len(); "
+                    "it must be a map-style dataset or a stream with batches() (fastgen.data.streaming.StreamingDataset)"
+                ) from None
 
         rng_state = None
         if resume_path is not None:
-            rng_state = self._load_checkpoint(resume_path)
+            rng_state = self._load_checkpoint(resume_path, streaming)
 
-        self.sampler = ShardedBatchSampler(
-            num_items, cfg.batch_size, self.world_size, self.rank, seed=cfg.seed, start=self.data_position
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=self.sampler,
-            num_workers=cfg.num_workers,
-            collate_fn=torch.utils.data.default_collate,
-            pin_memory=self.device.type == "cuda",
-            # a private generator: creating the iterator must not draw from the global torch RNG
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        pin_memory = self.device.type == "cuda"
+        if streaming:
+            self.sampler = None
+            self.stream = dataset.batches(
+                cfg.batch_size, rank=self.rank, world_size=self.world_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                start=self.stream_start, num_workers=cfg.num_workers, pin_memory=pin_memory,
+            )
+            loader = self.stream
+        else:
+            self.stream = None
+            self.sampler = ShardedBatchSampler(
+                num_items, cfg.batch_size, self.world_size, self.rank, seed=cfg.seed, start=self.data_position,
+                shuffle=cfg.shuffle,
+            )
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=self.sampler,
+                num_workers=cfg.num_workers,
+                collate_fn=torch.utils.data.default_collate,
+                pin_memory=pin_memory,
+                # a private generator: creating the iterator must not draw from the global torch RNG
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
         if cfg.log_with != "none":
             acc.init_trackers("train")
         data_iter = iter(loader)
@@ -535,6 +566,8 @@ class Trainer:
                     saved_at = self.step
         finally:
             bar.close()
+            if self.stream is not None:
+                self.stream.close()
             if cfg.log_with != "none":
                 acc.end_training()
         if saved_at != self.step:  # e.g. resumed at (or past) max_steps: make sure a checkpoint exists
@@ -747,13 +780,30 @@ class Trainer:
         return row
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def trainer_state(self) -> dict[str, Any]:
+    def _stream_positions(self) -> dict[str, Any] | None:
+        """Every rank's stream position (gathered to all ranks; all must call this), or None without a stream."""
+        if self.stream is None:
+            return None
+        mine = self.stream.position.to_dict()
+        ranks = [mine]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, mine)
+        return {"world_size": self.world_size, "ranks": ranks}
+
+    def trainer_state(self, stream: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.config
-        return {
+        if stream is not None:
+            epoch = int(stream["ranks"][0]["epoch"])
+        else:
+            epoch = self.sampler.epoch_of(self.data_position) if self.sampler else 0
+        state = {
             "format": 1,
             "method": self.method.name,
             "step": self.step,
-            "epoch": self.sampler.epoch_of(self.data_position) if self.sampler else 0,
+            "epoch": epoch,
             "data_position": self.data_position,
             "samples_seen": self.data_position * cfg.batch_size * self.world_size,
             "skipped_nonfinite": self.skipped_nonfinite,
@@ -768,10 +818,15 @@ class Trainer:
             "rng_files": {str(r): ckpt.rng_file_name(r) for r in range(self.world_size)},
             "time": time.time(),
         }
+        if stream is not None:
+            # per rank: raw samples of the epoch consumed (trained on or skipped as unreadable), samples trained on
+            state["stream"] = stream
+        return state
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step> atomically (all ranks must call this)."""
         acc = self.accelerator
+        stream = self._stream_positions()
         tmp = ckpt.checkpoints_dir(self.run_dir) / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(self.step)}"
         if self.is_main:
             tmp = ckpt.begin_checkpoint(self.ckpt_dir, self.step)
@@ -791,14 +846,15 @@ class Trainer:
                 },
             )
             ckpt.write_torch(tmp / ckpt.rng_file_name(0), ckpt.capture_rng_state())
-            ckpt.write_json(tmp / ckpt.STATE_FILE, self.trainer_state())
+            ckpt.write_json(tmp / ckpt.STATE_FILE, self.trainer_state(stream))
             final = ckpt.finish_checkpoint(self.ckpt_dir, tmp, self.step, keep=self.config.keep_checkpoints)
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
 
-    def _load_checkpoint(self, path: Path) -> dict[str, Any] | None:
-        """Restore method, optimizers, schedulers and counters; returns this rank's RNG state.
+    def _load_checkpoint(self, path: Path, streaming: bool = False) -> dict[str, Any] | None:
+        """Restore method, optimizers, schedulers, counters and (``streaming``) this rank's stream position;
+        returns this rank's RNG state.
 
         Every file is read and checked before anything is restored or the timeline changes (``latest``,
         later checkpoints), so a corrupt file fails the resume with one CheckpointError naming it (and
@@ -811,11 +867,23 @@ class Trainer:
             raise ckpt.corrupt_file_error(
                 path / ckpt.STATE_FILE, f"'step' or 'data_position' missing or not an integer: {type(exc).__name__}: {exc}"
             ) from exc
+        stream_start, stream_note = StreamPosition(), None
+        if streaming:
+            try:
+                stream_start, stream_note = start_position(state.get("stream"), self.rank, self.world_size)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise ckpt.corrupt_file_error(path / ckpt.STATE_FILE, f"bad 'stream' entry: {exc}") from exc
+            if state.get("stream") is None and data_position:
+                stream_note = (
+                    f"checkpoint '{path}' holds no stream position (it was written by a run over a map-style dataset); "
+                    "the data stream starts from its beginning"
+                )
         model_state = ckpt.load_model_state(path, device="cpu", purpose="resume")
         opt_file = path / str(state.get("optimizer_file", ckpt.OPTIMIZER_FILE))
         if not opt_file.is_file():
             raise ckpt.CheckpointError(f"'{opt_file}' is missing; checkpoint '{path}' cannot be resumed from (only loaded)")
-        opt_state = ckpt.load_torch(opt_file, map_location=self.device)
+        # "cpu", not the accelerator's "cpu:<rank>" of a multi-process CPU run, which torch.load cannot map to
+        opt_state = ckpt.load_torch(opt_file, map_location="cpu" if self.device.type == "cpu" else self.device)
         if not (isinstance(opt_state, dict) and isinstance(opt_state.get("optimizers"), dict)
                 and isinstance(opt_state.get("schedulers"), dict)):
             raise ckpt.corrupt_file_error(opt_file, "not an optimizer state written by the fastgen trainer")
@@ -849,6 +917,9 @@ class Trainer:
             self.scaler.load_state_dict(opt_state["scaler"])
         self.step = step
         self.data_position = data_position
+        self.stream_start = stream_start
+        if stream_note:
+            warnings.warn(stream_note)
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.last_checkpoint = path
