@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fastgen-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow test-all bench zoo zoo-check clean-venv
+.PHONY: venv demo test test-slow test-all bench zoo zoo-check clean-venv gpu-bundle
 
 venv: $(STAMP)
 
@@ -44,3 +44,14 @@ zoo-check: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels the lent GPU machine's image lacks (benchmarks/gpu/bundle.txt: diffusers & its needs), for
+# CPython 3.12 manylinux x86_64 -> benchmarks/gpu/bundle/ (git-ignored; the device call carries it, see
+# README "GPU figures"), checked against benchmarks/gpu/image_packages.txt; rewrites
+# benchmarks/gpu/bundle_manifest.json. PY=3.11: the same wheels for another Python into
+# benchmarks/gpu/bundle-py3.11/. TWIN=1: also the image's torch 2.11 / triton 3.6 / transformers 5.17
+# for this machine's Python in benchmarks/gpu/image-twin/ (~0.7 GB), which `DRY_RUN=1 bash
+# benchmarks/gpu/run.sh` then runs on. Needs a package index; uses pip only (no venv needed).
+gpu-bundle:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu/bundle.py build $(if $(filter-out 3.12,$(PY)),--python $(PY) --dest benchmarks/gpu/bundle-py$(PY))
+	$(if $(TWIN),$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu/bundle.py twin)

@@ -4,6 +4,16 @@ Usage::
 
     python benchmarks/train_throughput.py [--quick] [--out benchmarks/results] [--device cpu|cuda] [--repeats N]
 
+    # the GPU step of benchmarks/gpu/run.sh: the SD1.5 architecture at 512 px, bf16, batched vs separate
+    # CFG, eager then torch.compile, inside a time budget
+    python benchmarks/train_throughput.py --device cuda --teachers sd15-arch --modes full --sd15-latent 64 \
+        --sd15-batch 8 --teacher-dtype bfloat16 --autocast bf16 --variants batched,separate --compile both \
+        --budget-s 150 --out DIR
+    # its CPU smoke path (the reduced-width stand-in; aot_eager traces forward and backward, no codegen)
+    python benchmarks/train_throughput.py --tiny --device cpu --teachers sd15-arch --modes full --sd15-latent 8 \
+        --sd15-batch 1 --teacher-dtype bfloat16 --autocast bf16 --variants batched,separate --compile both \
+        --compile-backend aot_eager --out DIR
+
 Writes ``<out>/train_throughput.json`` (``protocol`` + ``rows`` + ``comparisons`` + ``skipped``) and
 ``<out>/train_throughput.md``, both atomically.
 
@@ -16,8 +26,9 @@ Configurations: teacher x mode x variant.
   cross_attention_dim 768, attention_head_dim 8; 859.5M parameters) at ``sample_size`` 16,
   the SD1.5 VAE architecture (factor 8, so 16x16 latents = 128 px), a CLIP-L-shaped text encoder
   (hidden 768, 12 layers) over the shipped digits tokenizer, and the digits DDIM scheduler (the
-  SD1.5 betas). ``--quick`` replaces it with ``sd15-arch-mini``: the same block structure at
-  widths 32/64/64/64 with a 1-layer text encoder and a narrow VAE.
+  SD1.5 betas); ``--sd15-latent 64`` makes it 512 px. ``--quick`` and ``--tiny`` replace it with
+  ``sd15-arch-mini``: the same block structure at widths 32/64/64/64 with a 1-layer text encoder
+  and a narrow VAE.
 * modes: ``full`` (student + EMA target) and ``lora`` (peft adapters on the teacher UNet).
 * variants, run one after the other on the same LCD object:
   - ``batched``: the shipped step; ``Teacher.predict`` runs uncond and cond as ONE forward of
@@ -32,13 +43,25 @@ Configurations: teacher x mode x variant.
     the batches come from that cache, so the step runs no VAE encode and no text encoder (the
     rows count both per step to show it). The one-off encoding time is ``cache_build_s``.
 
-Per teacher x mode, ``--prime`` unmeasured steps of every variant run first (first-use allocations
-then land in no variant's numbers). Per variant: ``warmup`` steps, then ``repeats`` timed steps; one step = ``zero_grad`` +
+Sections (``--compile``): ``eager``, then (``both``) ``compiled``: the same LCD object after
+``nn.Module.compile(backend, mode, dynamic=False)`` of the teacher UNet, the student and the EMA
+target (:func:`compile_networks`; rows say ``compile: <backend>/<mode>``, ``none`` when eager).
+``--autocast bf16`` runs the step's forward under ``torch.autocast`` as ``train.mixed_precision: bf16``
+does (float32 student and AdamW state; ``--teacher-dtype bfloat16`` stores the frozen teacher in bf16).
+
+Per section and variant, ``--prime`` unmeasured steps run first (first-use allocations and, under
+``torch.compile``, the compilation of the variant's shapes then land in no measured number;
+``prime_s`` records them). Then ``warmup`` steps, then ``repeats`` timed steps; one step = ``zero_grad`` +
 ``LCD.train_step`` + ``backward`` + ``AdamW.step`` (plain AdamW over ``parameter_groups()``) +
 ``after_optimizer_step`` (the EMA update in full mode), timed with ``time.perf_counter``
 (``torch.cuda.synchronize`` around it on GPU). ``sec_per_step_median`` is the median over the
 timed steps and ``samples_per_s = batch / median``. Batches are built before timing (pixels +
-captions, or cached latents + hidden states) and cycle over a small pool.
+captions, or cached latents + hidden states) and cycle over a small pool. Forward calls are counted
+by hooks in the eager section only (a hook added after compilation is invisible to compiled code).
+
+``--budget-s``: no build, section or variant starts once it is spent; a worker still running
+``DEADLINE_GRACE_S`` later is stopped and the variants it finished are kept (its partial result is
+rewritten after every variant); the JSON and markdown are rewritten after every teacher x mode.
 
 Memory (``peak_mem_mb``): the peak over the variant's warm-up and timed steps minus the memory
 right before them (so activations, gradients, AdamW state and temporaries; weights that exist
@@ -92,6 +115,10 @@ RESULT_NAME = "train_throughput"
 VARIANTS = ("batched", "separate", "cached")
 MODES = ("full", "lora")
 TEACHERS = ("digits", "sd15-arch")
+#: ``--autocast``: the step's forward under ``torch.autocast`` in this dtype (``train.mixed_precision``).
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+#: ``--compile``: which sections run: eager only, eager then compiled (same process), compiled only.
+COMPILE_CHOICES = ("none", "both", "only")
 #: A config runs (in float32) only when its memory estimate is below this share of the available memory.
 MEMORY_HEADROOM = 0.95
 ROW_KEYS = ("teacher", "mode", "variant", "batch", "sec_per_step_median", "samples_per_s", "peak_mem_mb", "device")
@@ -99,14 +126,17 @@ MD_COLUMNS = [
     "teacher",
     "mode",
     "variant",
+    "compile",
     "batch",
     "resolution",
     "teacher_dtype",
+    "autocast",
     "sec_per_step_median",
     "samples_per_s",
     "speedup_vs_batched",
     "peak_mem_mb",
     "peak_mem_total_mb",
+    "prime_s",
     "teacher_unet_calls_per_step",
     "vae_encoder_calls_per_step",
     "text_encoder_calls_per_step",
@@ -301,10 +331,24 @@ def _ru_maxrss_mb() -> float:
     return v / 2**20 if sys.platform == "darwin" else v / 1024
 
 
-def train_iteration(method, optimizer, batch: dict[str, Any], step: int) -> float:
-    """One optimisation step as the trainer runs it (without accelerate): returns the loss."""
+def autocast_context(device, autocast: str | None):
+    """``torch.autocast`` as the trainer's ``train.mixed_precision`` runs it (accelerate wraps the
+    forward, i.e. ``train_step``, in it; backward and the optimizer step run outside), or a null context."""
+    import torch
+
+    if autocast in (None, "", "none", "no"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, AUTOCAST_DTYPES[autocast]))
+
+
+def train_iteration(method, optimizer, batch: dict[str, Any], step: int, autocast: str | None = None) -> float:
+    """One optimisation step as the trainer runs it (without accelerate): returns the loss.
+
+    ``autocast`` (``bf16`` / ``fp16`` / ``None``): the forward under ``torch.autocast`` in that dtype, as
+    ``train.mixed_precision`` does (the student's weights and AdamW state stay float32)."""
     optimizer.zero_grad(set_to_none=True)
-    out = method.train_step(batch, step)
+    with autocast_context(method.teacher.device, autocast):
+        out = method.train_step(batch, step)
     loss = out.losses["student"]
     loss.backward()
     optimizer.step()
@@ -320,21 +364,63 @@ def make_optimizer(method, lr: float = 1e-5):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
-def prime_variants(method, variants, batches_for, steps: int = 1) -> None:
+def prime_variants(method, variants, batches_for, steps: int = 1, autocast: str | None = None) -> dict[str, float]:
     """Unmeasured steps of every variant before any measurement, so one-off first-use allocations (kernel
-    and primitive caches, lazy buffers, allocator growth) do not land in the first measured variant."""
+    and primitive caches, lazy buffers, allocator growth) and, under ``torch.compile``, the compilation of
+    each variant's shapes do not land in a measured variant. Returns the seconds each variant's priming took."""
+    times: dict[str, float] = {}
     if steps <= 0:
-        return
+        return times
     optimizer = make_optimizer(method)
+    device = method.teacher.device
     for variant in variants:
         ctx = separate_cond_uncond(method.teacher) if variant == "separate" else contextlib.nullcontext()
         batches = batches_for(variant)
+        _sync(device)
+        t0 = time.perf_counter()
         with ctx:
             for i in range(steps):
-                train_iteration(method, optimizer, batches[i % len(batches)], i)
+                train_iteration(method, optimizer, batches[i % len(batches)], i, autocast)
+        _sync(device)
+        times[variant] = round(time.perf_counter() - t0, 3)
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     gc.collect()
+    return times
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dynamo_counts() -> dict[str, Any]:
+    """Graphs compiled and graph breaks so far in this process (``torch._dynamo`` counters), if readable."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {"dynamo_unique_graphs": int(counters["stats"]["unique_graphs"]),
+                "dynamo_graph_breaks": int(sum(counters["graph_break"].values()))}
+    except Exception:  # counters are internal; their layout may change
+        return {}
+
+
+def compile_networks(method, backend: str = "inductor", mode: str | None = None) -> list[str]:
+    """``nn.Module.compile`` (in place: hooks, ``state_dict`` and parameters stay the module's own) of every
+    UNet of the step: the teacher's, the student and the EMA target (full mode; in LoRA mode the teacher's
+    UNet is also the student). ``dynamic=False``: each batch shape gets its own graph, compiled while the
+    variants are primed. Returns the names of the compiled modules."""
+    nets = method.nets
+    modules = {"teacher.net": method.teacher.net}
+    if nets.student is not method.teacher.net:
+        modules["student"] = nets.student
+    if nets.target is not None:
+        modules["target"] = nets.target
+    for module in modules.values():
+        module.compile(backend=backend, mode=None if mode in (None, "", "default") else mode, dynamic=False)
+    return list(modules)
 
 
 def measure_variant(
@@ -344,8 +430,13 @@ def measure_variant(
     warmup: int,
     repeats: int,
     seed: int = 0,
+    autocast: str | None = None,
+    count_calls: bool = True,
 ) -> dict[str, Any]:
-    """Warm-up + timed steps of one variant on ``method``; returns the measured fields of a row."""
+    """Warm-up + timed steps of one variant on ``method``; returns the measured fields of a row.
+
+    ``count_calls=False`` leaves the forward hooks of :class:`CallCounter` out (under ``torch.compile`` a
+    hook added after compilation is not seen by the compiled code, so its counts would be wrong)."""
     import torch
 
     if variant not in VARIANTS:
@@ -361,19 +452,21 @@ def measure_variant(
     step = 0
     mem.start()
     with ctx:
-        counter = CallCounter(method)
+        counter = CallCounter(method) if count_calls else None
         try:
             for _ in range(max(warmup, 1)):  # at least one counted step
-                losses.append(train_iteration(method, optimizer, batches[step % len(batches)], step))
-                counter.next_step()
+                losses.append(train_iteration(method, optimizer, batches[step % len(batches)], step, autocast))
+                if counter is not None:
+                    counter.next_step()
                 step += 1
         finally:
-            counter.close()
+            if counter is not None:
+                counter.close()
         for _ in range(repeats):
             batch = batches[step % len(batches)]
             sync()
             t0 = time.perf_counter()
-            losses.append(train_iteration(method, optimizer, batch, step))
+            losses.append(train_iteration(method, optimizer, batch, step, autocast))
             sync()
             times.append(time.perf_counter() - t0)
             step += 1
@@ -399,7 +492,8 @@ def measure_variant(
         "mem_method": mem.method,
         "loss_last": losses[-1],
     }
-    row.update(counter.summary())
+    if counter is not None:
+        row.update(counter.summary())
     return row
 
 
@@ -528,6 +622,11 @@ def environment(device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu": _cpu_name(),
     }
+    for name in ("transformers", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # triton is optional on CPU
+            info[name] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -545,9 +644,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+def run_config(spec: dict[str, Any], partial: Path | None = None) -> dict[str, Any]:
     """Measure every variant of one teacher x mode (``spec``: teacher, folder, mode, batch, warmup,
-    repeats, device, teacher_dtype, pool_batches, work_dir, lora_rank). Returns rows + environment."""
+    repeats, device, teacher_dtype, pool_batches, work_dir, lora_rank; optional: variants, autocast,
+    compile (``none`` / ``both`` / ``only``), compile_backend, compile_mode, deadline (``time.time()``
+    after which no section or variant starts)). Returns rows + environment + skipped; with ``partial``, that
+    result is also written there after every variant (what a run stopped from outside still leaves)."""
     import torch
 
     if spec.get("threads"):
@@ -580,12 +682,16 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     pixel_batches = [
         _to_device(_collate_pixels([pool[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
     ]
-    t0 = time.perf_counter()
-    cache = build_latent_cache(data_spec, pool, method.teacher, str(Path(spec["folder"]).resolve()), method.nets.resolution)
-    cache_build_s = time.perf_counter() - t0
-    cached_batches = [
-        _to_device(_collate_cached([cache[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
-    ]
+    variants = list(spec.get("variants") or VARIANTS)
+    cache_build_s, cache_items, cached_batches = None, 0, []
+    if "cached" in variants:
+        t0 = time.perf_counter()
+        cache = build_latent_cache(data_spec, pool, method.teacher, str(Path(spec["folder"]).resolve()), method.nets.resolution)
+        cache_build_s = round(time.perf_counter() - t0, 3)
+        cache_items = len(cache)
+        cached_batches = [
+            _to_device(_collate_cached([cache[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)
+        ]
 
     unet_params = sum(p.numel() for n, p in method.teacher.net.named_parameters() if "lora_" not in n)
     trainable = sum(p.numel() for ps in method.parameter_groups().values() for p in ps)
@@ -600,41 +706,119 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         "unet_params": unet_params,
         "trainable_params": trainable,
         "setup_s": round(setup_s, 3),
-        "cache_build_s": round(cache_build_s, 3),
-        "cache_items": len(cache),
+        "cache_build_s": cache_build_s,
+        "cache_items": cache_items,
+        "autocast": spec.get("autocast") or "none",
     }
-    variants = list(spec.get("variants", VARIANTS))
+    autocast = spec.get("autocast")
+    compile_choice = spec.get("compile") or "none"
+    sections = {"none": ["eager"], "both": ["eager", "compiled"], "only": ["compiled"]}[compile_choice]
+    deadline = spec.get("deadline")
+    environment_info = environment(device)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+
+    def result() -> dict[str, Any]:
+        return {"rows": rows, "environment": environment_info, "skipped": skipped}
+
+    def save_partial() -> None:
+        if partial is not None:
+            tmp = partial.with_name(partial.name + ".tmp")
+            tmp.write_text(json.dumps(result(), default=str), encoding="utf-8")
+            os.replace(tmp, partial)
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > float(deadline)
 
     def batches_for(variant: str) -> list[dict[str, Any]]:
         return cached_batches if variant == "cached" else pixel_batches
 
-    t0 = time.perf_counter()
-    prime_variants(method, variants, batches_for, int(spec.get("prime", 1)))
-    common["prime_s"] = round(time.perf_counter() - t0, 3)
-    rows = []
-    for variant in variants:
-        batches = batches_for(variant)
-        print(f"[train_throughput] {spec['teacher']} / {spec['mode']} / {variant}: "
-              f"{spec['warmup']} warm-up + {spec['repeats']} timed steps", file=sys.stderr, flush=True)
-        row = dict(common)
-        row.update(measure_variant(method, variant, batches, int(spec["warmup"]), int(spec["repeats"])))
-        rows.append(row)
-        print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step, {row['samples_per_s']:.3f} samples/s, "
-              f"peak +{row['peak_mem_mb']:.1f} MiB", file=sys.stderr, flush=True)
-    return {"rows": rows, "environment": environment(device)}
+    for section in sections:
+        label = "none"
+        if section == "compiled":
+            backend, mode = spec.get("compile_backend") or "inductor", spec.get("compile_mode") or "default"
+            label = f"{backend}/{mode}"
+            if out_of_time():
+                skipped += [{"teacher": spec["teacher"], "mode": spec["mode"], "compile": label, "variant": v,
+                             "reason": "not started: time budget spent"} for v in variants]
+                save_partial()
+                continue
+            compiled = compile_networks(method, backend, mode)
+            print(f"[train_throughput] torch.compile (backend {backend}, mode {mode}, dynamic=False) of {compiled}; "
+                  "each variant's first steps compile its shapes", file=sys.stderr, flush=True)
+        for variant in variants:
+            if out_of_time():
+                skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "compile": label, "variant": variant,
+                                "reason": "not started: time budget spent"})
+                save_partial()
+                continue
+            # priming: one-off allocations and, under torch.compile, the compilation of this variant's shapes
+            prime_s = prime_variants(method, [variant], batches_for, int(spec.get("prime", 1)), autocast).get(variant)
+            if out_of_time():
+                skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "compile": label, "variant": variant,
+                                "reason": f"primed ({prime_s} s) but not measured: time budget spent"})
+                save_partial()
+                continue
+            print(f"[train_throughput] {spec['teacher']} / {spec['mode']} / {variant} / compile {label}: "
+                  f"primed in {prime_s} s; {spec['warmup']} warm-up + {spec['repeats']} timed steps",
+                  file=sys.stderr, flush=True)
+            row = dict(common, compile=label, prime_s=prime_s)
+            if section == "compiled":
+                row.update(_dynamo_counts())
+            row.update(measure_variant(method, variant, batches_for(variant), int(spec["warmup"]), int(spec["repeats"]),
+                                       autocast=autocast, count_calls=section == "eager"))
+            rows.append(row)
+            print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step, {row['samples_per_s']:.3f} samples/s, "
+                  f"peak +{row['peak_mem_mb']:.1f} MiB", file=sys.stderr, flush=True)
+            save_partial()
+    return result()
 
 
 # =========================================================================== orchestration
 
 
-def _run_child(job: dict[str, Any], work: Path, name: str) -> tuple[int, dict[str, Any] | None]:
+#: Seconds a worker may run past the deadline (to finish the step in flight) before it is stopped.
+DEADLINE_GRACE_S = 15.0
+#: ``_run_child``'s return code for a worker stopped at the deadline.
+RC_DEADLINE = -1000
+
+
+def _run_child(job: dict[str, Any], work: Path, name: str, deadline: float | None = None) -> tuple[int, dict[str, Any] | None]:
+    """Run one job in a worker process. With ``deadline`` (a ``time.time()`` value) the worker is stopped
+    ``DEADLINE_GRACE_S`` after it (return code ``RC_DEADLINE``) and the result is what it had written after
+    its last finished variant (``None`` if nothing)."""
     spec_path = work / f"{name}.spec.json"
     out_path = work / f"{name}.result.json"
+    partial_path = work / f"{name}.partial.json"
     spec_path.write_text(json.dumps(job, default=str), encoding="utf-8")
-    rc = subprocess.call([sys.executable, os.fspath(Path(__file__).resolve()), "--worker", os.fspath(spec_path),
-                          "--worker-out", os.fspath(out_path)], cwd=os.fspath(REPO))
-    result = json.loads(out_path.read_text(encoding="utf-8")) if rc == 0 and out_path.is_file() else None
-    return rc, result
+    cmd = [sys.executable, os.fspath(Path(__file__).resolve()), "--worker", os.fspath(spec_path),
+           "--worker-out", os.fspath(out_path)]
+    timeout = None if deadline is None else max(deadline - time.time(), 0.0) + DEADLINE_GRACE_S
+    proc = subprocess.Popen(cmd, cwd=os.fspath(REPO))
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        rc = RC_DEADLINE
+    if rc == 0 and out_path.is_file():
+        return rc, json.loads(out_path.read_text(encoding="utf-8"))
+    if partial_path.is_file():
+        return rc, json.loads(partial_path.read_text(encoding="utf-8"))
+    return rc, None
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a worker and its children (torch.compile's compile workers), children first."""
+    try:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    except Exception:  # no psutil, or the worker is already gone
+        pass
+    proc.kill()
+    proc.wait()
 
 
 def _worker_main(spec_path: str, out_path: str) -> int:
@@ -643,33 +827,43 @@ def _worker_main(spec_path: str, out_path: str) -> int:
         build_sd15_pipeline(spec["folder"], int(spec["sample_size"]), bool(spec["mini"]))
         result: dict[str, Any] = {"folder": spec["folder"]}
     else:
-        result = run_config(spec)
+        result = run_config(spec, partial=Path(out_path).with_name(Path(out_path).name.replace(".result.", ".partial.")))
     Path(out_path).write_text(json.dumps(result, default=str), encoding="utf-8")
     return 0
 
 
 def _rc_reason(rc: int) -> str:
+    if rc == RC_DEADLINE:
+        return f"worker stopped {DEADLINE_GRACE_S:.0f} s after the time budget (--budget-s) ran out"
     if rc in (-9, 137):
         return f"worker killed (exit {rc}, SIGKILL: most likely out of memory)"
     return f"worker failed with exit code {rc} (its traceback is on stderr above)"
 
 
 def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Side-by-side ratios per teacher x mode (same process): batched vs separate, cached vs batched."""
+    """Side-by-side ratios per teacher x mode x compile (same process): batched vs separate, cached vs
+    batched, and for a compiled section its batched step against the eager batched step of the same process."""
     out = []
-    keys = sorted({(r["teacher"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    for teacher, mode in keys:
-        by = {r["variant"]: r for r in rows if r["teacher"] == teacher and r["mode"] == mode}
+    keys = sorted({(r["teacher"], r["mode"], r.get("compile", "none")) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2] != "none", k[2]))
+    for teacher, mode, comp in keys:
+        by = {r["variant"]: r for r in rows
+              if r["teacher"] == teacher and r["mode"] == mode and r.get("compile", "none") == comp}
         if "batched" not in by:
             continue
         bt = by["batched"]
-        entry: dict[str, Any] = {"teacher": teacher, "mode": mode}
+        entry: dict[str, Any] = {"teacher": teacher, "mode": mode, "compile": comp}
         if "separate" in by:
             entry["batched_speedup_over_separate"] = by["separate"]["sec_per_step_median"] / bt["sec_per_step_median"]
             entry["peak_mem_batched_over_separate"] = _ratio(bt["peak_mem_mb"], by["separate"]["peak_mem_mb"])
         if "cached" in by:
             entry["cache_speedup"] = bt["sec_per_step_median"] / by["cached"]["sec_per_step_median"]
             entry["peak_mem_cached_over_batched"] = _ratio(by["cached"]["peak_mem_mb"], bt["peak_mem_mb"])
+        if comp != "none":
+            eager = [r for r in rows if r["teacher"] == teacher and r["mode"] == mode
+                     and r.get("compile", "none") == "none" and r["variant"] == "batched"]
+            if eager:
+                entry["compile_speedup_batched"] = eager[0]["sec_per_step_median"] / bt["sec_per_step_median"]
         out.append(entry)
     return out
 
@@ -707,8 +901,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             markdown_table(
                 result["comparisons"],
-                ["teacher", "mode", "batched_speedup_over_separate", "cache_speedup",
-                 "peak_mem_batched_over_separate", "peak_mem_cached_over_batched"],
+                ["teacher", "mode", "compile", "batched_speedup_over_separate", "cache_speedup",
+                 "compile_speedup_batched", "peak_mem_batched_over_separate", "peak_mem_cached_over_batched"],
             ).rstrip("\n"),
             "",
         ]
@@ -719,7 +913,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result["skipped"]:
         lines += ["## Skipped or failed", ""]
-        lines += [f"- {s['teacher']} / {s['mode']}: {s['reason']}" for s in result["skipped"]]
+        lines += [f"- {' / '.join(str(s[k]) for k in ('teacher', 'mode', 'variant', 'compile') if s.get(k))}: {s['reason']}"
+                  for s in result["skipped"]]
         lines.append("")
     lines += ["## Teachers", ""]
     lines += [f"- `{k}`: {v}" for k, v in p["teachers"].items()]
@@ -748,6 +943,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="teacher UNet dtype; auto = float32 unless a config's float32 estimate exceeds free memory")
     ap.add_argument("--no-memory-check", action="store_true", help="run configs even when the memory estimate does not fit")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers (default: torch's)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the reduced-width SD1.5 stand-in (sd15-arch-mini) with the normal step counts (CPU smoke runs)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of batched, separate, cached")
+    ap.add_argument("--autocast", choices=["none", *AUTOCAST_DTYPES], default="none",
+                    help="run the step's forward under torch.autocast in this dtype (train.mixed_precision); default none")
+    ap.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
+                    help="torch.compile of the step's UNets: none (default), both (eager, then compiled, same process), only")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor; aot_eager "
+                    "traces forward and backward without generating code: a quick check on CPU)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="time budget of the whole run: no build, section or variant starts after it, a worker still "
+                         f"running {DEADLINE_GRACE_S:.0f} s later is stopped (its finished variants are kept), and the "
+                         "results are rewritten after every teacher x mode")
     ap.add_argument("--work-dir", default=None, help="where the temp SD1.5 pipeline and caches go (default: system temp)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -764,12 +973,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return _worker_main(args.worker, args.worker_out)
 
+    started = time.time()
+    deadline = started + args.budget_s if args.budget_s else None
     quick = bool(args.quick)
+    mini = quick or bool(args.tiny)
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [t for t in teachers if t not in TEACHERS] + [m for m in modes if m not in MODES]
-    if bad or not teachers or not modes:
-        print(f"unknown or empty --teachers/--modes {bad}; teachers: {TEACHERS}, modes: {MODES}", file=sys.stderr)
+    bad += [v for v in variants if v not in VARIANTS]
+    if bad or not teachers or not modes or not variants:
+        print(f"unknown or empty --teachers/--modes/--variants {bad}; teachers: {TEACHERS}, modes: {MODES}, "
+              f"variants: {VARIANTS}", file=sys.stderr)
         return 2
     if args.device == "cuda":
         import torch
@@ -803,8 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
             "the digits tokenizer; digits DDIM scheduler (SD1.5 betas)"
         ),
         "sd15-arch-mini": (
-            "--quick stand-in for sd15-arch: same block types/layers/cross_attention_dim 768 at widths 32/64/64/64, "
-            "1-layer 768-wide text encoder, narrow factor-8 VAE; random weights"
+            "--quick/--tiny stand-in for sd15-arch: same block types/layers/cross_attention_dim 768 at widths "
+            f"32/64/64/64, 1-layer 768-wide text encoder, narrow factor-8 VAE; random weights; {args.sd15_latent * 8} px"
         ),
     }
 
@@ -813,29 +1028,47 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[dict[str, Any]] = []
     env: dict[str, Any] | None = None
     failed = False
-    started = time.time()
+    out = Path(args.out)
+    sd15_label = "sd15-arch-mini" if mini else "sd15-arch"
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > deadline
+
+    def write() -> None:
+        write_results(out, rows, skipped, env, args, quick, settings, teacher_notes, sd15_label, started, command)
+
     try:
         for teacher in teachers:
             label = teacher
+            if out_of_time():
+                skipped += [{"teacher": sd15_label if teacher == "sd15-arch" else teacher, "mode": m,
+                             "reason": "not started: time budget (--budget-s) spent"} for m in modes]
+                continue
             if teacher == "digits":
                 folder = resolve_model("digits-sd")
             else:
-                label = "sd15-arch-mini" if quick else "sd15-arch"
+                label = sd15_label
                 folder = work / label
                 print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 rc, _ = _run_child(
-                    {"job": "build_sd15", "folder": os.fspath(folder), "sample_size": args.sd15_latent, "mini": quick},
+                    {"job": "build_sd15", "folder": os.fspath(folder), "sample_size": args.sd15_latent, "mini": mini},
                     work,
                     f"build-{label}",
+                    deadline,
                 )
                 if rc != 0:
                     failed = True
                     skipped += [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+                    write()
                     continue
                 print(f"[train_throughput]   built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             s = settings[teacher]
             for mode in modes:
+                if out_of_time():
+                    skipped.append({"teacher": label, "mode": mode, "reason": "not started: time budget (--budget-s) spent"})
+                    continue
                 dtype = "float32" if args.teacher_dtype == "auto" else args.teacher_dtype
                 avail = _available_bytes(args.device)
                 need = estimate_memory_bytes(folder, mode, dtype)
@@ -871,27 +1104,47 @@ def main(argv: list[str] | None = None) -> int:
                     "work_dir": os.fspath(work),
                     "lora_rank": args.lora_rank,
                     "threads": args.threads,
+                    "variants": variants,
+                    "autocast": None if args.autocast == "none" else args.autocast,
+                    "compile": args.compile,
+                    "compile_backend": args.compile_backend,
+                    "compile_mode": args.compile_mode,
+                    "deadline": deadline,
                 }
-                rc, result = _run_child(job, work, f"{label}-{mode}")
-                if rc != 0 or result is None:
+                rc, result = _run_child(job, work, f"{label}-{mode}", deadline)
+                if rc != 0:
+                    failed = failed or rc != RC_DEADLINE
+                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)
+                                    + (f"; kept the {len(result['rows'])} variant(s) it had finished" if result else "")})
+                if result is None:
                     failed = True
-                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)})
+                    write()
                     continue
                 env = env or result["environment"]
+                skipped += result.get("skipped", [])
                 for row in result["rows"]:
                     row["estimated_need_gb"] = round(need / 1e9, 2)
                     if note:
                         row["note"] = note
-                by_variant = {r["variant"]: r for r in result["rows"]}
-                base = by_variant.get("batched")
                 for row in result["rows"]:
+                    base = next((r for r in result["rows"] if r["variant"] == "batched"
+                                 and r.get("compile", "none") == row.get("compile", "none")), None)
                     row["speedup_vs_batched"] = (
                         base["sec_per_step_median"] / row["sec_per_step_median"] if base else None
                     )
                 rows.extend(result["rows"])
+                write()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    write()
+    print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')} and .md in {round(time.time() - started, 1)} s",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_results(out: Path, rows, skipped, env, args, quick, settings, teacher_notes, sd15_label, started, command) -> None:
+    """Rewrite ``<out>/train_throughput.{json,md}`` (atomically) from what has been measured so far."""
     if env is None:
         import torch
 
@@ -907,18 +1160,22 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         "benchmark": RESULT_NAME,
         "quick": quick,
-        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "wall_s": round(time.time() - started, 1),
         "device": args.device,
         "device_name": env.get("gpu") or env.get("cpu"),
-        **{k: env.get(k) for k in ("torch", "diffusers", "python", "torch_threads", "torch_interop_threads",
-                                    "OMP_NUM_THREADS", "cpu_count", "cuda")},
-        "settings": {(("sd15-arch-mini" if quick else "sd15-arch") if k == "sd15-arch" else k): v
-                     for k, v in settings.items()},
+        **{k: env.get(k) for k in ("torch", "diffusers", "transformers", "triton", "python", "torch_threads",
+                                    "torch_interop_threads", "OMP_NUM_THREADS", "cpu_count", "cuda")},
+        "settings": {(sd15_label if k == "sd15-arch" else k): v for k, v in settings.items()},
         "step": "optimizer.zero_grad(set_to_none) + LCD.train_step + loss.backward + AdamW.step "
                 "(lr 1e-5, betas 0.9/0.999, eps 1e-8, wd 0) + LCD.after_optimizer_step; time.perf_counter per step "
                 "(cuda.synchronize before and after on GPU); batches prepared before timing",
+        "autocast": args.autocast,
+        "compile": {"sections": args.compile, "backend": args.compile_backend, "mode": args.compile_mode,
+                    "how": "nn.Module.compile(dynamic=False) of the teacher UNet, the student and the EMA target "
+                           "(full mode); prime_s = the variant's first step(s), i.e. compilation of its shapes"},
+        "budget_s": args.budget_s,
         "timing": "median seconds/step over the timed steps after the warm-up steps; samples/s = batch / median",
         "memory": mem_method,
         "memory_definition": "peak_mem_mb = peak over the variant's warm-up + timed steps minus the memory "
@@ -930,9 +1187,9 @@ def main(argv: list[str] | None = None) -> int:
             "cached": "LCD.build_cache (the use_latent_cache path) encodes the step pool once; batches carry "
                       "latents + hidden states, so the step skips the VAE encode and the text encoder",
         },
-        "processes": "each teacher x mode in its own subprocess; first `prime` unmeasured steps of every variant, "
-                     "then the variants in order batched, separate, cached in that process (same LCD object, a fresh "
-                     "AdamW per variant, same seed per variant)",
+        "processes": "each teacher x mode in its own subprocess: per section (eager, then compiled), per variant "
+                     "`prime` unmeasured steps, then its warm-up and timed steps (same LCD object, a fresh AdamW "
+                     "per variant, same seed per variant)",
         "lora_rank": args.lora_rank,
         "teachers": {k: v for k, v in teacher_notes.items()
                      if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},
@@ -940,11 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"protocol": protocol, "rows": rows, "comparisons": comparisons(rows), "skipped": skipped}
     from fastgen.io import atomic_write_json, atomic_write_text
 
-    out = Path(args.out)
     atomic_write_json(out / f"{RESULT_NAME}.json", result)
     atomic_write_text(out / f"{RESULT_NAME}.md", render_markdown(result))
-    print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')} and .md in {protocol['wall_s']} s", file=sys.stderr)
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

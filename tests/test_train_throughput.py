@@ -5,9 +5,11 @@ no text encoder."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,89 @@ def test_sd15_arch_unet_config_is_sd15(bench):
     assert unet.config.layers_per_block == 2 and unet.config.cross_attention_dim == 768
     assert unet.config.attention_head_dim == 8 and unet.config.sample_size == 16
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # stable-diffusion-v1-5's UNet
+
+
+# --------------------------------------------------------------------------- the GPU step's pieces (issue 18)
+
+
+def _row(variant, compile_, sec, mem=100.0, teacher="sd15-arch", mode="full"):
+    return {"teacher": teacher, "mode": mode, "variant": variant, "compile": compile_, "sec_per_step_median": sec,
+            "peak_mem_mb": mem}
+
+
+def test_comparisons_per_compile_section(bench):
+    rows = [_row("batched", "none", 1.0), _row("separate", "none", 1.5, 120.0),
+            _row("batched", "inductor/default", 0.5), _row("separate", "inductor/default", 0.8)]
+    comps = {c["compile"]: c for c in bench.comparisons(rows)}
+    assert set(comps) == {"none", "inductor/default"}
+    assert comps["none"]["batched_speedup_over_separate"] == pytest.approx(1.5)
+    assert comps["none"]["peak_mem_batched_over_separate"] == pytest.approx(100 / 120)
+    assert "compile_speedup_batched" not in comps["none"]
+    assert comps["inductor/default"]["batched_speedup_over_separate"] == pytest.approx(1.6)
+    assert comps["inductor/default"]["compile_speedup_batched"] == pytest.approx(2.0)
+    # rows of the earlier format (no compile key) are the eager section
+    old = [{k: v for k, v in r.items() if k != "compile"} for r in rows[:2]]
+    assert bench.comparisons(old)[0]["compile"] == "none"
+
+
+def test_budget_spent_before_anything_starts(bench, tmp_path):
+    """--budget-s: nothing starts after the budget; the results (empty, with the reasons) are still written."""
+    rc = bench.main(["--teachers", "digits,sd15-arch", "--modes", "full", "--tiny", "--budget-s", "1e-9",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert result["rows"] == []
+    assert [(s["teacher"], s["mode"]) for s in result["skipped"]] == [("digits", "full"), ("sd15-arch-mini", "full")]
+    assert all("time budget" in s["reason"] for s in result["skipped"])
+    assert result["protocol"]["budget_s"] == 1e-9 and "Skipped or failed" in (tmp_path / "train_throughput.md").read_text()
+
+
+def test_worker_past_the_deadline_is_stopped(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "DEADLINE_GRACE_S", 0.0)
+    rc, result = bench._run_child({"job": "measure"}, tmp_path, "late", deadline=time.time() - 1)
+    assert rc == bench.RC_DEADLINE and result is None
+    assert "time budget" in bench._rc_reason(rc)
+
+
+def test_run_config_deadline_skips_and_writes_partial(bench, tmp_path):
+    """A worker whose deadline has passed measures nothing, lists every variant as skipped and leaves that
+    in its partial result (what the orchestrator reads when it has to stop a worker)."""
+    from fastgen.zoo.paths import resolve_model
+
+    partial = tmp_path / "x.partial.json"
+    spec = {"teacher": "digits", "folder": str(resolve_model("digits-sd")), "mode": "full", "batch": 2, "warmup": 1,
+            "repeats": 1, "device": "cpu", "teacher_dtype": "float32", "pool_batches": 1, "work_dir": str(tmp_path),
+            "threads": 1, "variants": ["batched", "separate"], "compile": "both", "deadline": time.time() - 1}
+    result = bench.run_config(spec, partial=partial)
+    assert result["rows"] == []
+    assert [(s["variant"], s["compile"]) for s in result["skipped"]] == [
+        ("batched", "none"), ("separate", "none"), ("batched", "inductor/default"), ("separate", "inductor/default")]
+    assert json.loads(partial.read_text())["skipped"] == result["skipped"]
+
+
+def test_compiled_networks_and_bf16_autocast_step(bench):
+    """compile_networks compiles the teacher UNet, the student and the EMA target in place (backend eager:
+    dynamo's tracing without code generation); the step runs under bf16 autocast with a finite loss and the
+    float32 student gets float32 gradients."""
+    from fastgen.trainers.lcd import LCD
+    from tiny_models import build_method
+
+    torch.set_num_threads(1)
+    m = build_method(LCD, teacher="digits-sd", eval_samples=0)
+    r, b = m.nets.resolution, 2
+    batch = {"pixels": torch.rand(b, 3, r, r) * 2 - 1, "caption": ["a red handwritten digit seven"] * b}
+    names = bench.compile_networks(m, backend="eager")
+    assert names == ["teacher.net", "student", "target"]
+    for mod in (m.teacher.net, m.nets.student, m.nets.target):
+        assert getattr(mod, "_compiled_call_impl", None) is not None
+    opt = bench.make_optimizer(m)
+    try:
+        loss = bench.train_iteration(m, opt, batch, 0, autocast="bf16")
+    finally:
+        torch._dynamo.reset()
+    assert math.isfinite(loss)
+    grads = [p.grad for p in m.nets.student.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+    with bench.autocast_context(m.teacher.device, "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert isinstance(bench.autocast_context("cpu", None), contextlib.nullcontext)
