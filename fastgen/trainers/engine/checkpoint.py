@@ -239,6 +239,11 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.
                 f"checkpoint_state_dict() entry '{k}' is a {type(v).__name__}, not a tensor; store "
                 "numbers as 0-dim tensors (e.g. torch.tensor(step))"
             )
+        if type(v).__name__ == "DTensor":
+            raise TypeError(
+                f"checkpoint entry '{k}' is a sharded DTensor (FSDP); gather it first "
+                "(fastgen.trainers.engine.sharding.full_state_dict), checkpoints hold full tensors"
+            )
         t = v.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
         if t.numel() and ptr in seen:

@@ -52,6 +52,12 @@ def ema_update_(
     for t, s in zip(target, source):
         if t.shape != s.shape:
             raise ValueError(f"EMA shape mismatch: target {tuple(t.shape)} vs source {tuple(s.shape)}")
+        if _is_dtensor(t) != _is_dtensor(s):
+            raise ValueError(
+                f"EMA: the {'target' if _is_dtensor(t) else 'source'} is sharded (FSDP DTensor) and the other is not; "
+                "an EMA copy must be sharded exactly like the network it follows (fastgen.trainers.engine.sharding "
+                "shards a frozen copy shaped like a trained network alike)"
+            )
         if t.is_floating_point():
             floats_t.append(t)
             floats_s.append(s.detach().to(device=t.device, dtype=t.dtype))
@@ -60,6 +66,14 @@ def ema_update_(
     if floats_t:
         # lerp_(end, weight): t + weight * (s - t) == decay * t + (1 - decay) * s
         torch._foreach_lerp_(floats_t, floats_s, 1.0 - decay)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
 
 
 class EMA:
@@ -151,6 +165,26 @@ class EMA:
                 for n, b in self._backup.items():
                     params[n].copy_(b)
             self._backup = None
+
+    @torch.no_grad()
+    def shard_like_module(self) -> int:
+        """After the tracked module was sharded with FSDP (``fastgen.trainers.engine.sharding``): make each
+        shadow of a sharded parameter a DTensor with the parameter's mesh and placements (scattered from
+        rank 0, so every rank starts from the same average). Returns how many shadows were converted;
+        sharded shadows live on the parameters' device."""
+        params = dict(self.module.named_parameters())
+        converted = 0
+        for n in self.names:
+            p, s = params.get(n), self.shadow[n]
+            if p is None or not _is_dtensor(p) or _is_dtensor(s):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+
+            self.shadow[n] = distribute_tensor(s.detach().to(device=p.device, dtype=s.dtype), p.device_mesh, p.placements)
+            converted += 1
+        if converted:
+            self._fixed_device = False
+        return converted
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -273,6 +273,7 @@ FREE_CONFIG_KEYS: tuple[str, ...] = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.num_workers",
+    "train.fsdp_frozen",  # where frozen weights live under FSDP, not what is computed
     "sample",
     "export",
 )
@@ -450,7 +451,10 @@ def prepare_run(
     cfg, method_cls = load_run_config(recipe, overrides)
     check_optimizers_available(cfg.train)  # e.g. prodigy without prodigyopt: before any folder or teacher
     run_dir = Path(cfg.output_dir)
-    check_folder(run_dir, "run", error=ConfigError)
+    if os.environ.get("RANK", "0") == "0":
+        # the main process checks, then claims the folder below; another rank checking at the same moment
+        # could find the claim's marker half-written (a temp file) and refuse the folder
+        check_folder(run_dir, "run", error=ConfigError)
     if resume is None and _has_checkpoints(run_dir):
         raise ConfigError(
             f"run folder '{run_dir}' already holds checkpoints; continue it with --resume latest "

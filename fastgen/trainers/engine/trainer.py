@@ -32,7 +32,12 @@ each stepping optimizer's parameters across processes with bucketed ``all_reduce
 per optimizer step, so accumulation needs no ``no_sync``. A parameter without a gradient on every
 rank keeps ``grad=None`` (AdamW then skips it, as in a single process). The NaN guard's loss
 values are all-reduced too, so every rank takes the same skip/step decision and weights stay
-identical. FSDP/DeepSpeed (which shard parameters) are not supported by this scheme and are
+identical.
+
+FSDP (``accelerate launch`` with FSDP2, e.g. ``configs/accelerate/8gpu-fsdp.yaml``) replaces (1) and (2):
+:mod:`fastgen.trainers.engine.sharding` broadcasts each block from rank 0 and shards the method's
+networks with ``fully_shard``, FSDP reduce-scatters the gradients in backward, and checkpoints gather
+the full state so that they keep the unsharded format. FSDP1, DeepSpeed, Megatron-LM and XLA are
 refused with a clear error.
 
 Several losses
@@ -40,7 +45,9 @@ Several losses
 ``StepOutput.losses`` has one loss per stepping optimizer. Each loss is back-propagated only into
 its own group's parameters (``torch.autograd.backward(loss, inputs=group_params)``), with
 ``retain_graph`` for all but the last, so a generator loss never leaves gradients on the
-discriminator and vice versa. Groups that return the *same* tensor object share one backward.
+discriminator and vice versa. Groups that return the *same* tensor object share one backward. Under
+FSDP ``inputs=`` cannot reach sharded parameters; :func:`~fastgen.trainers.engine.sharding.backward_per_group`
+gives the same gradients with plain backward passes.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from fastgen.data.streaming import StreamBatches, StreamingDataset, StreamPositi
 from fastgen.errors import ConfigError, DataError, FastgenError
 from fastgen.io import atomic_write_text, save_image_grid
 from fastgen.trainers.engine import checkpoint as ckpt
+from fastgen.trainers.engine import sharding
 from fastgen.trainers.engine.optim import OptimizerSpec, ResolvedSpec, build_optimizer, lr_lambda, resolve_spec
 from fastgen.trainers.method import Method, StepOutput
 
@@ -120,6 +128,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     #: abort after this many consecutive iterations with a non-finite loss or gradient norm
     max_nonfinite_in_row: int = 10
+    #: FSDP runs only (``accelerate launch`` with FSDP2): frozen networks (teacher, VAE, text encoders) are
+    #: sharded too (``shard``) or kept whole in their dtype on every rank (``keep``); a frozen EMA/target copy
+    #: of a trained network is always sharded like it
+    fsdp_frozen: Literal["shard", "keep"] = "shard"
     checkpoint_every: int = 500
     #: keep only the newest K finished checkpoints (0: keep all)
     keep_checkpoints: int = 3
@@ -344,10 +356,18 @@ class Trainer:
         self.rank = acc.process_index
         self.is_main = acc.is_main_process
 
-        self.method.to(self.device)
-        self.groups = self._collect_groups()
-        if self.world_size > 1:
-            self._broadcast_from_main()
+        #: FSDP2 sharding of the method's networks (None: whole parameters, gradients all-reduced here)
+        self.sharding = sharding.Sharding.from_accelerator(acc, config.mixed_precision, config.fsdp_frozen)
+        if self.sharding is None:
+            self.method.to(self.device)
+            self.groups = self._collect_groups()
+            if self.world_size > 1:
+                self._broadcast_from_main()
+        else:
+            self.sharding.apply(self.method, self._collect_groups(), self.device)
+            self.groups = self._collect_groups()  # FSDP replaced the parameters: re-read the groups
+            self.sharding.check_groups(self.groups, self.method.name)
+            self._trainable = sharding.trainable_parameters(self.method)
 
         for key, given in (("learning_rates", config.learning_rates), ("optimizers", config.optimizers)):
             unknown = set(given) - set(self.groups) - set(method.inactive_groups())
@@ -408,11 +428,11 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         dt = self.accelerator.distributed_type
-        if dt in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA):
+        if dt in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA):
             raise FastgenError(
-                f"accelerate distributed type {dt} is not supported by the fastgen trainer (it averages "
-                "gradients of whole, unsharded parameters itself); launch with `accelerate launch --multi_gpu` (DDP) "
-                "or a single process"
+                f"accelerate distributed type {dt} is not supported by the fastgen trainer (it runs its own loop over "
+                "several networks and optimizers); launch with `accelerate launch --multi_gpu` (DDP), with FSDP2 "
+                "(configs/accelerate/8gpu-fsdp.yaml), or a single process"
             )
 
     def _collect_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -630,8 +650,8 @@ class Trainer:
         for i, name in enumerate(names):
             params = self.groups[name]
             opt = self.optimizers[name]
-            if self.world_size > 1:
-                self._allreduce_grads(params)
+            if self.world_size > 1 and self.sharding is None:
+                self._allreduce_grads(params)  # (FSDP reduce-scattered them in backward)
             if self.scaler is not None:
                 self.scaler.unscale_(opt)
             grads = [p.grad for p in params if p.grad is not None]
@@ -642,7 +662,7 @@ class Trainer:
                 norm = torch.nn.utils.get_total_norm(grads)
             else:
                 norm = torch.zeros(())
-            norm_f = float(norm)
+            norm_f = float(sharding.plain(norm))
             loss_f = mean_losses[i]
             info[f"loss/{name}"] = loss_f
             info[f"grad_norm/{name}"] = norm_f
@@ -701,6 +721,9 @@ class Trainer:
                 )
             by_tensor.setdefault(id(loss), (loss, []))[1].append(n)
         items = list(by_tensor.values())
+        if self.sharding is not None:
+            sharding.backward_per_group(items, self.groups, self._trainable, scale)
+            return
         for i, (loss, group_names) in enumerate(items):
             inputs = [p for n in group_names for p in self.groups[n]]
             scaled = loss.reshape(()) * scale
@@ -744,12 +767,14 @@ class Trainer:
             ckpt.restore_rng_state(rng)
 
     def save_samples(self) -> Path | None:
-        """Write samples/step-XXXXXX.png (main process); returns the path or None."""
-        if not self.is_main:
+        """Write samples/step-XXXXXX.png (main process; under FSDP every rank samples, as the networks'
+        forwards are collective); returns the path or None."""
+        if not self.is_main and self.sharding is None:
             return None
         prompts, steps, seed = self.method.sample_settings()
         if not prompts:
-            warnings.warn(f"no sample prompts (sample.prompts is empty for method '{self.method.name}'); skipping the sample grid")
+            if self.is_main:
+                warnings.warn(f"no sample prompts (sample.prompts is empty for method '{self.method.name}'); skipping the sample grid")
             return None
 
         def run():
@@ -757,16 +782,18 @@ class Trainer:
             return self.method.sample(prompts, steps, gen)
 
         images = self._isolated(run)
+        if not self.is_main:
+            return None
         n = images.shape[0]
         nrow = len(prompts) if (n % len(prompts) == 0 and len(prompts) <= 16) else max(1, int(math.ceil(math.sqrt(n))))
         return save_image_grid(images.float(), self.run_dir / "samples" / f"step-{self.step:06d}.png", nrow=nrow)
 
     def run_evaluation(self) -> dict[str, float] | None:
-        """Call ``evaluator(method, step)`` (main process) and append a row to metrics.jsonl."""
-        if not (self.is_main and self.evaluator is not None):
+        """Call ``evaluator(method, step)`` (main process; every rank under FSDP) and append a row to metrics.jsonl."""
+        if self.evaluator is None or not (self.is_main or self.sharding is not None):
             return None
         result = self._isolated(lambda: self.evaluator(self.method, self.step))
-        if not result:
+        if not result or not self.is_main:
             return None
         row = {"step": self.step, "time": time.time()}
         for k, v in dict(result).items():
@@ -835,12 +862,19 @@ class Trainer:
             ckpt.write_torch(tmp / ckpt.rng_file_name(self.rank), ckpt.capture_rng_state())
         acc.wait_for_everyone()
         final = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        model_state = opt_states = None
+        if self.sharding is not None:  # gather the shards on every rank: rank 0 writes the unsharded format
+            model_state = sharding.full_state_dict(self.method.checkpoint_state_dict(), keep=self.is_main)
+            opt_states = {n: sharding.full_optimizer_state(o.state_dict(), keep=self.is_main) for n, o in self.optimizers.items()}
         if self.is_main:
-            ckpt.write_safetensors(tmp / ckpt.MODEL_FILE, self.method.checkpoint_state_dict(), metadata={"method": self.method.name, "step": str(self.step)})
+            if model_state is None:
+                model_state = self.method.checkpoint_state_dict()
+                opt_states = {n: o.state_dict() for n, o in self.optimizers.items()}
+            ckpt.write_safetensors(tmp / ckpt.MODEL_FILE, model_state, metadata={"method": self.method.name, "step": str(self.step)})
             ckpt.write_torch(
                 tmp / ckpt.OPTIMIZER_FILE,
                 {
-                    "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                    "optimizers": opt_states,
                     "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 },
@@ -896,6 +930,8 @@ class Trainer:
                 f"checkpoint '{path}' has optimizers {sorted(opt_state['optimizers'])}, this method has "
                 f"{sorted(self.optimizers)}; resume with the same method and options"
             )
+        if self.sharding is not None:  # a full (unsharded-format) state: cut this rank's shards
+            model_state = sharding.shard_like(model_state, self.method.checkpoint_state_dict())
         try:
             self.method.load_checkpoint_state_dict(model_state)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -906,7 +942,10 @@ class Trainer:
             ) from exc
         try:
             for n, opt in self.optimizers.items():
-                opt.load_state_dict(opt_state["optimizers"][n])
+                saved = opt_state["optimizers"][n]
+                if self.sharding is not None:
+                    saved = sharding.shard_optimizer_state(opt, saved)
+                opt.load_state_dict(saved)
                 self.schedulers[n].load_state_dict(opt_state["schedulers"][n])
         except (ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(
