@@ -70,7 +70,8 @@ def plot(points: list[dict], teacher: dict, path: Path) -> None:
     ax.plot(xs, [p["digits_fid"] for p in every], "o-", color="tab:blue")
     for p, x in zip(every, xs):
         ax.annotate(f"{p['label']}\nacc {p['digit_accuracy']:.3f}", (x, p["digits_fid"]), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
+                    xytext=(8, -4), va="top", fontsize=8)
+    ax.margins(x=0.15, y=0.12)
     ax.axhline(1.1 * teacher["digits_fid"], color="gray", linestyle=":", label="1.1 x teacher")
     ax.axvline(25, color="gray", linestyle="--", alpha=0.5, label="window = 25% of image tokens")
     ax.set_xscale("log")
