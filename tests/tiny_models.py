@@ -285,7 +285,8 @@ def make_tiny_sdxl(folder) -> Path:
     return _save(pipe, folder)
 
 
-def make_tiny_flux(folder, guidance_embeds: bool = False) -> Path:
+def make_tiny_flux(folder, guidance_embeds: bool = False, *, latent_channels: int = 4, num_single_layers: int = 1,
+                   t5_max_length: int = T5_MAX_LENGTH, quant_convs: bool = True, scheduler=None) -> Path:
     """Save a tiny Flux-style pipeline.
 
     CLIP (pooled, 32) + tiny T5 (hidden 32, at most :data:`T5_MAX_LENGTH` tokens: call the
@@ -297,12 +298,12 @@ def make_tiny_flux(folder, guidance_embeds: bool = False) -> Path:
 
     torch.manual_seed(_SEED)
     tokenizer = tiny_clip_tokenizer()
-    tokenizer_2 = tiny_t5_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer(model_max_length=t5_max_length)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=4 * latent_channels,
         num_layers=1,
-        num_single_layers=1,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,
@@ -310,10 +311,9 @@ def make_tiny_flux(folder, guidance_embeds: bool = False) -> Path:
         axes_dims_rope=[4, 4, 8],
         guidance_embeds=guidance_embeds,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
     pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+        vae=tiny_vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=quant_convs),
         text_encoder=tiny_clip_text_model(tokenizer),
         tokenizer=tokenizer,
         text_encoder_2=tiny_t5_encoder(tokenizer_2, d_model=32),
@@ -522,39 +522,14 @@ def make_tiny_flux_dev(folder) -> Path:
     (tokenizer length 512, FluxPipeline's default), a 16-channel VAE without quant convs (FLUX's scaling and
     shift), double blocks before single blocks (1 + 4, so that CLEAR's ``align_every: 4`` finds a single
     block), and the released dynamic-shift ``FlowMatchEulerDiscreteScheduler`` config."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(_SEED)
-    tokenizer = tiny_clip_tokenizer()
-    tokenizer_2 = tiny_t5_tokenizer(model_max_length=512)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=_CLIP_HIDDEN,
-        axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
-    ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False),
-        text_encoder=tiny_clip_text_model(tokenizer),
-        tokenizer=tokenizer,
-        text_encoder_2=tiny_t5_encoder(tokenizer_2, d_model=32),
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-        image_encoder=None,
-        feature_extractor=None,
-    )
-    return _save(pipe, folder)
+    return make_tiny_flux(folder, guidance_embeds=True, latent_channels=16, num_single_layers=4, t5_max_length=512,
+                          quant_convs=False, scheduler=scheduler)
 
 
 __all__ = [

@@ -566,6 +566,24 @@ def retrieval_accuracy(lrm: LatentRewardModel, latents: torch.Tensor, labels: to
     return correct / max(1, len(latents))
 
 
+def contrastive_step(lrm, loss, opt, sched, losses: list, step: int, config, bar) -> None:
+    """One optimizer step of LRM pre-training: step, clamp the logit scale, record the loss, log every
+    ``config.log_every`` steps (progress bar and a line)."""
+    from tqdm.auto import tqdm
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        lrm.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+    losses.append(float(loss.detach()))
+    if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
+        bar.set_postfix(loss=f"{recent:.3f}", scale=f"{lrm.preference_scale():.1f}")
+        tqdm.write(f"step {step + 1}/{config.steps}  loss {recent:.4f}  logit scale {lrm.preference_scale():.2f}")
+
+
 def pretrain_lrm(config: LRMPretrainConfig) -> Path:
     """Pre-train an LRM contrastively on a teacher's (latent, caption) pairs and save it.
 
@@ -651,17 +669,7 @@ def pretrain_lrm(config: LRMPretrainConfig) -> Path:
         txt = lrm.encode_tokens(cap_ids[uniq], cap_mask[uniq])[inv]
         img = lrm.encode_latents(train_z[idx])
         loss = label_aware_info_nce(lrm.scale() * img @ txt.t(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            lrm.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-        losses.append(float(loss.detach()))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
-            bar.set_postfix(loss=f"{recent:.3f}", scale=f"{lrm.preference_scale():.1f}")
-            tqdm.write(f"step {step + 1}/{config.steps}  loss {recent:.4f}  logit scale {lrm.preference_scale():.2f}")
+        contrastive_step(lrm, loss, opt, sched, losses, step, config, bar)
     bar.close()
     train_s = time.time() - t_train
 

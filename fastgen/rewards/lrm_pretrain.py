@@ -39,11 +39,11 @@ from fastgen.losses import label_aware_info_nce
 from fastgen.rewards.latent_proxy import (
     CONFIG_FILE,
     FORMAT,
-    MAX_LOGIT_SCALE,
     METRICS_FILE,
     LatentRewardModel,
     LRMConfig,
     LRMPretrainConfig,
+    contrastive_step,
 )
 from fastgen.rewards.lrm_towers import clip_text_config, open_clip_text_config
 
@@ -495,17 +495,7 @@ def pretrain_lrm_on_data(config: LRMPretrainConfig) -> Path:
             kd = _expert_distillation(lrm, expert, parts, z, captions, img, txt, min(config.expert_batch_size, len(z)))
             expert_losses.append(float(kd.detach()))
             loss = loss + config.expert_weight * kd
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            lrm.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-        losses.append(float(loss.detach()))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
-            bar.set_postfix(loss=f"{recent:.3f}", scale=f"{lrm.preference_scale():.1f}")
-            tqdm.write(f"step {step + 1}/{config.steps}  loss {recent:.4f}  logit scale {lrm.preference_scale():.2f}")
+        contrastive_step(lrm, loss, opt, sched, losses, step, config, bar)
     bar.close()
     train_s = time.time() - t_train
 
