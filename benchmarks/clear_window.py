@@ -46,6 +46,10 @@ def network_latency(speed: dict | None, label: str) -> float | None:
     return None
 
 
+def _latency(seconds: float | None) -> str:
+    return "not timed" if seconds is None else f"{seconds:.3f}"
+
+
 def radius_of(run_dir: Path) -> int:
     import yaml
 
@@ -139,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
              f"Token grid {result['grid']}; rows from `{args.quality}` (same protocol: 1000 samples, 50 steps, "
              "true CFG against the empty prompt).", "",
              "| row | radius | image keys / query | share of image tokens | attention FLOPs vs full | digits_fid "
-             "| vs teacher | digit_accuracy |", "|---|---|---|---|---|---|---|---|"]
+             "| vs teacher | digit_accuracy | network s / image (sampling_speed) |", "|---|---|---|---|---|---|---|---|---|"]
     for pt in [teacher] + points:
         ratio = pt.get("fid_vs_teacher", 1.0)
         lines.append(f"| {pt['label']} | {pt['radius'] if pt['radius'] is not None else 'full'} | "
                      f"{pt['image_keys_per_query']:.2f} | {100 * pt['image_window_share']:.1f}% | "
                      f"{100 * pt['attention_flop_fraction']:.1f}% | {pt['digits_fid']:.2f} | {ratio:.3f} | "
-                     f"{pt['digit_accuracy']} |")
+                     f"{pt['digit_accuracy']} | {_latency(pt['network_latency_s'])} |")
     atomic_write_text(args.out / "clear_window.md", "\n".join(lines) + "\n")
     plot(points, teacher, args.out / "clear_window.png")
     print("\n".join(lines))
