@@ -212,6 +212,11 @@ fi
 if [[ $DRY_RUN == 1 && ${TWIN:-1} != 0 && -d $TWIN_SITE ]]; then
     PYPATH="$PYPATH:$(cd "$TWIN_SITE" && pwd)"
     log "dry run on the image twin $TWIN_SITE (the image's torch / triton / torchvision / transformers / huggingface_hub)"
+    # The twin's torch 2.11 compiling FlexAttention for this CPU (inductor C++) aborted with heap corruption
+    # ("malloc(): unaligned tcache chunk detected") in one of two dry runs; the device runs flex on CUDA, never
+    # this path. On the twin the CLEAR step times the reference backend; TWIN=0 dry-runs flex_tiled on the venv.
+    FLUX_SPEED_ARGS=${FLUX_SPEED_ARGS:---backends full,reference}
+    log "twin: flux_clear_speed runs ${FLUX_SPEED_ARGS} (CPU-compiled flex is not run on the twin)"
 fi
 export PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}"
 log "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)); PYTHONPATH=$PYTHONPATH"
