@@ -1,4 +1,4 @@
-"""The GPU call (issue 18): the wheel bundle, its requirement closure against the lent machine's image,
+"""The GPU call: the wheel bundle, its requirement closure against the lent machine's image,
 the size of what travels, the step modules importing as they would on the image, and run.sh's schedule,
 install and dry run (benchmarks/gpu/{bundle.py,versions.py,run.sh})."""
 

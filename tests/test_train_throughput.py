@@ -155,7 +155,7 @@ def test_sd15_arch_unet_config_is_sd15(bench):
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # stable-diffusion-v1-5's UNet
 
 
-# --------------------------------------------------------------------------- the GPU step's pieces (issue 18)
+# --------------------------------------------------------------------------- the GPU step's pieces
 
 
 def _row(variant, compile_, sec, mem=100.0, teacher="sd15-arch", mode="full"):
