@@ -450,6 +450,11 @@ def tiny_safety_checker():
     return StableDiffusionSafetyChecker(config).eval(), processor
 
 
+#: the released SD 1.x / 2.x scheduler configs' noise schedule
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    set_alpha_to_one=False, steps_offset=1)
+
+
 def make_tiny_sd15(folder) -> Path:
     """Save a stand-in of Stable Diffusion 1.5: a CLIP ViT-L-style text encoder (``quick_gelu``), SD's UNet
     layout (conv ``proj_in``/``proj_out``, one head count for every block), epsilon prediction, the released
@@ -458,16 +463,7 @@ def make_tiny_sd15(folder) -> Path:
 
     torch.manual_seed(_SEED)
     tokenizer = tiny_clip_tokenizer()
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, prediction_type="epsilon")
     safety_checker, feature_extractor = tiny_safety_checker()
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -491,16 +487,7 @@ def make_tiny_sd21_v(folder) -> Path:
 
     torch.manual_seed(_SEED)
     tokenizer = tiny_clip_tokenizer()
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    scheduler = DDIMScheduler(**_SD_SCHEDULE, clip_sample=False, prediction_type="v_prediction")
     unet = _sd_layout_unet(cross_attention_dim=_CLIP_HIDDEN, attention_head_dim=(1, 2), use_linear_projection=True,
                            upcast_attention=True)
     pipe = StableDiffusionPipeline(
