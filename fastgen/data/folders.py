@@ -246,6 +246,21 @@ def warn_long_captions(where: str, num_long: int, num_total: int, limit: int, co
     )
 
 
+def set_sample_options(source, resolution, center_crop: bool, random_flip: bool, min_valid_fraction: float,
+                       caption_dropout: float) -> None:
+    """Check and set an image-caption source's shared options on ``source``: ``size`` (from ``resolution``),
+    ``center_crop``, ``random_flip``, ``min_valid_fraction`` and ``caption_dropout`` (both in [0, 1])."""
+    if not 0.0 <= min_valid_fraction <= 1.0:
+        raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
+    source.size = normalize_resolution(resolution)
+    source.center_crop = bool(center_crop)
+    source.random_flip = bool(random_flip)
+    source.min_valid_fraction = float(min_valid_fraction)
+    source.caption_dropout = float(caption_dropout)
+
+
 def check_valid_fraction(
     num_bad: int, num_total: int, min_valid_fraction: float, bad_files: Sequence[str], what: str
 ) -> None:
@@ -330,15 +345,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.root = Path(root)
-        self.size = normalize_resolution(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        if not 0.0 <= min_valid_fraction <= 1.0:
-            raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
-        self.min_valid_fraction = float(min_valid_fraction)
-        self.caption_dropout = float(caption_dropout)
+        set_sample_options(self, resolution, center_crop, random_flip, min_valid_fraction, caption_dropout)
         self.files: list[Path] = []
         self.captions: list[str] = []
         self.layout: str = ""

@@ -36,10 +36,10 @@ from fastgen.data.folders import (
     CAPTION_FIELDS,
     _caption_limit,
     check_valid_fraction,
+    set_sample_options,
     decode_image,
     decode_utf8,
     image_to_tensor,
-    normalize_resolution,
     resize_center_crop,
     warn_long_captions,
     whitespace_tokens,
@@ -331,17 +331,9 @@ class ImageCaptionShards(torch.utils.data.IterableDataset):
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
-        self.size = normalize_resolution(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        if not 0.0 <= min_valid_fraction <= 1.0:
-            raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
+        set_sample_options(self, resolution, center_crop, random_flip, min_valid_fraction, caption_dropout)
         if split not in ("auto", "shard", "sample"):
             raise DataError(f"split must be 'auto', 'shard' or 'sample', got {split!r}; pass one of those")
-        self.min_valid_fraction = float(min_valid_fraction)
-        self.caption_dropout = float(caption_dropout)
         self.rank, self.world_size = _dist_info(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise DataError(
@@ -599,17 +591,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
-        self.size = normalize_resolution(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        if not 0.0 <= min_valid_fraction <= 1.0:
-            raise DataError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}; pass e.g. 0.9")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise DataError(f"caption_dropout must be in [0, 1], got {caption_dropout}; pass e.g. 0.1")
+        set_sample_options(self, resolution, center_crop, random_flip, min_valid_fraction, caption_dropout)
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}; pass e.g. 10000 (0: no sample shuffle)")
-        self.min_valid_fraction = float(min_valid_fraction)
-        self.caption_dropout = float(caption_dropout)
         self.shuffle_buffer = int(shuffle_buffer)
         self.max_caption_tokens = _caption_limit(max_caption_tokens)
         self.count_tokens: Callable[[str], int] = count_tokens or whitespace_tokens
