@@ -179,20 +179,21 @@ def tiny_vae(latent_channels: int = 4, scaling_factor: float = 0.18215, shift_fa
     ).eval()
 
 
-def _tiny_unet(cross_attention_dim: int, **extra):
+def _tiny_unet(cross_attention_dim: int, *, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), **extra):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         block_out_channels=(8, 16),
         layers_per_block=1,
         norm_num_groups=4,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=(2, 4),
+        attention_head_dim=attention_head_dim,
         **extra,
     ).eval()
 
@@ -418,21 +419,8 @@ def make_tiny_pixart(folder, sigma: bool = False) -> Path:
 def _sd_layout_unet(cross_attention_dim: int, attention_head_dim, **extra):
     """SD1.x/2.x's UNet order scaled to two blocks: cross-attention in the down blocks but the last
     (``CrossAttnDownBlock2D`` x3 + ``DownBlock2D``), mirrored going up, a cross-attention mid block."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=attention_head_dim,
-        **extra,
-    ).eval()
+    return _tiny_unet(cross_attention_dim, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=attention_head_dim, **extra)
 
 
 def tiny_safety_checker():
