@@ -112,6 +112,8 @@ if str(REPO) not in sys.path:
 from fastgen.models.architectures import CLIP_L_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 RESULT_NAME = "train_throughput"
+#: results of ``--study variants`` (the shipped step's batched / separate / cached variants)
+VARIANTS_RESULT_NAME = "train_throughput_variants"
 VARIANTS = ("batched", "separate", "cached")
 MODES = ("full", "lora")
 TEACHERS = ("digits", "sd15-arch")
@@ -774,6 +776,338 @@ def run_config(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
     return result()
 
 
+# =========================================================================== the optimisation ladder
+
+#: The rungs of ``--study ladder``, in order. ``reference`` is the step of diffusers' example LCD scripts
+#: (uncached VAE and text encoding of every batch, the teacher's uncond and cond passes as two forwards,
+#: every network in float32, torch's default AdamW); each further rung adds one optimisation to the best
+#: configuration so far and is kept only where it holds (see :func:`keep_rung`).
+LADDER: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("reference", {"cache": False, "cfg_forward": "separate", "teacher_dtype": "float32", "fused": None,
+                   "channels_last": False, "compile": False, "checkpointing": False},
+     "example-script step: uncached VAE + text encoding, two teacher forwards, float32, default AdamW"),
+    ("cache", {"cache": True}, "latents and text embeddings from the cache (data.latent_cache): no VAE encode, no text encoder"),
+    ("batched_cfg", {"cfg_forward": "batched"}, "the teacher's uncond and cond rows in one forward of batch 2B"),
+    ("fused_adamw", {"fused": True}, "torch's fused AdamW step (one kernel over all parameters)"),
+    ("bf16_teacher", {"teacher_dtype": "bfloat16"},
+     "frozen teacher weights (LoRA: the frozen base) and text encoders held in bf16; the student's maths stays float32"),
+    ("channels_last", {"channels_last": True}, "convolution networks in the channels-last memory format"),
+    ("compile", {"compile": True}, "torch.compile (inductor, dynamic=False) of teacher (with freezing), student, target"),
+)
+#: A rung that is not faster by this factor is kept only when it saves memory (see :func:`keep_rung`).
+KEEP_SPEEDUP = 1.02
+KEEP_MEMORY = 0.95
+KEEP_SLOWDOWN = 0.98
+
+
+def keep_rung(speedup: float, mem_ratio: float | None) -> bool:
+    """Whether a rung's change stays in the optimised step: ``speedup`` (its samples/s over the best
+    configuration before it) >= KEEP_SPEEDUP, or it costs at most 2% speed and saves >= 5% peak memory."""
+    if speedup >= KEEP_SPEEDUP:
+        return True
+    return mem_ratio is not None and speedup >= KEEP_SLOWDOWN and mem_ratio <= KEEP_MEMORY
+
+
+def ladder_method(spec: dict[str, Any], opts: dict[str, Any]):
+    """A fresh LCD object for one rung (``opts``: the rung's options), on the spec's device, speed options applied."""
+    import torch
+
+    from fastgen.data.sources import DataConfig
+    from fastgen.models.spec import TeacherConfig
+    from fastgen.trainers.engine import speed
+    from fastgen.trainers.lcd import LCD, LCDConfig
+    from fastgen.trainers.method import SampleConfig
+
+    rank = int(spec.get("lora_rank", 64))
+    method = LCD(
+        LCDConfig(lora=spec["mode"] == "lora", lora_rank=rank, lora_alpha=float(rank), seed=0,
+                  gradient_checkpointing=bool(opts.get("checkpointing"))),
+        teacher=TeacherConfig(path=os.fspath(spec["folder"]), dtype=opts["teacher_dtype"], cfg_forward=opts["cfg_forward"]),
+        data=DataConfig(),
+        sample=SampleConfig(eval_samples=0),
+    )
+    method.to(torch.device(spec["device"]))
+    method.train()
+    info: dict[str, Any] = {}
+    if opts.get("channels_last"):
+        info["channels_last"] = speed.apply_channels_last(method)
+    if opts.get("compile"):
+        info["compiled"] = speed.compile_step_networks(method, spec.get("compile_mode") or "default")
+    return method, info
+
+
+def ladder_optimizer(method, fused: bool | None):
+    """AdamW as the trainer builds it (:func:`fastgen.trainers.engine.optim.build_optimizer`): lr 1e-5,
+    betas 0.9/0.999, eps 1e-8, no weight decay; ``fused`` None = torch's default implementation."""
+    from fastgen.trainers.engine.optim import ResolvedSpec, build_optimizer
+
+    spec = ResolvedSpec(optimizer="adamw", learning_rate=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                        momentum=0.0, max_grad_norm=None, lr_scheduler="constant", warmup_steps=0, fused=fused)
+    params = [p for ps in method.parameter_groups().values() for p in ps]
+    return build_optimizer(params, spec, "student")
+
+
+def measure_rung(spec: dict[str, Any], opts: dict[str, Any], pixel_batches, cached_batches) -> dict[str, Any]:
+    """Build one rung's LCD object, prime it, then measure warm-up + timed steps; memory counts from
+    before the build (weights + step), so the rung's dtype and cache choices show in it."""
+    import torch
+
+    device = torch.device(spec["device"])
+    gc.collect()
+    _malloc_trim()
+    base = MemoryWindow(device)
+    base.start()  # baseline before the networks exist
+    t0 = time.perf_counter()
+    method, info = ladder_method(spec, opts)
+    build_s = time.perf_counter() - t0
+    batches = cached_batches if opts["cache"] else pixel_batches
+    optimizer = ladder_optimizer(method, opts.get("fused"))
+    torch.manual_seed(0)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(int(spec.get("prime", 1))):  # first-use allocations; under compile, the compilation
+        train_iteration(method, optimizer, batches[i % len(batches)], i)
+    _sync(device)
+    prime_s = time.perf_counter() - t0
+    before_mb = base.base_mb
+    window = MemoryWindow(device)
+    window.start()  # resets the high-water mark; its own baseline is unused
+    window.base_mb = before_mb
+    times, losses = [], []
+    step = 0
+    for i in range(int(spec["warmup"]) + int(spec["repeats"])):
+        batch = batches[step % len(batches)]
+        _sync(device)
+        t1 = time.perf_counter()
+        losses.append(train_iteration(method, optimizer, batch, step))
+        _sync(device)
+        if i >= int(spec["warmup"]):
+            times.append(time.perf_counter() - t1)
+        step += 1
+    delta_mb, peak_mb = window.stop()
+    from fastgen.trainers.engine import speed
+
+    row = {
+        "sec_per_step_median": statistics.median(times),
+        "sec_per_step_min": min(times),
+        "sec_per_step_all": [round(t, 6) for t in times],
+        "samples_per_s": len(batches[0]["caption"]) / statistics.median(times),
+        "peak_mem_mb": round(delta_mb, 2),
+        "peak_mem_total_mb": round(peak_mb, 2),
+        "mem_before_build_mb": round(before_mb, 2),
+        "mem_method": window.method,
+        "build_s": round(build_s, 3),
+        "prime_s": round(prime_s, 3),
+        "loss_last": losses[-1],
+        **({"compile_counters": speed.compile_counters()} if opts.get("compile") else {}),
+        **info,
+    }
+    del optimizer, method
+    if opts.get("compile"):
+        torch._dynamo.reset()
+    gc.collect()
+    _malloc_trim()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, Any]:
+    """The optimisation ladder of one teacher x mode in this process (see :data:`LADDER`): the reference
+    step, then each rung on top of the best configuration so far, side by side."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    from fastgen.data.digits import DigitsDataset
+    from fastgen.data.sources import DataConfig, build_latent_cache
+    from fastgen.models.teacher import Teacher
+
+    device = torch.device(spec["device"])
+    rungs = [r for r in LADDER if r[0] in (spec.get("rungs") or [r[0] for r in LADDER])]
+    if not rungs or rungs[0][0] != "reference":
+        raise ValueError("the ladder starts at the reference rung")
+    b = int(spec["batch"])
+    # pixels + captions, and their cached latents + embeddings (encoded once, by a float32 teacher)
+    teacher = Teacher.from_pretrained(spec["folder"]).to(device)
+    resolution = int(spec.get("resolution") or teacher.default_resolution)
+    n_items = b * int(spec["pool_batches"])
+    pool = torch.utils.data.Subset(DigitsDataset("train", resolution), list(range(n_items)))
+    pixel_batches = [_to_device(_collate_pixels([pool[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)]
+    cache = build_latent_cache(DataConfig(latent_cache=True, cache_dir=os.fspath(Path(spec["work_dir"]) / f"cache-{spec['teacher']}")),
+                               pool, teacher, str(Path(spec["folder"]).resolve()), resolution)
+    cached_batches = [_to_device(_collate_cached([cache[j] for j in range(i, i + b)]), device) for i in range(0, n_items, b)]
+    shape = teacher.latent_shape(b, resolution, resolution)
+    del teacher
+    gc.collect()
+
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    deadline = spec.get("deadline")
+
+    def save_partial() -> None:
+        if partial is not None:
+            tmp = partial.with_name(partial.name + ".tmp")
+            tmp.write_text(json.dumps({"rows": rows, "environment": env, "skipped": skipped}, default=str), encoding="utf-8")
+            os.replace(tmp, partial)
+
+    # one unmeasured run of the reference configuration first: the process's one-off allocations (library
+    # initialisation, kernel and primitive caches) then land in no rung, so the first rung is not penalised
+    if spec.get("process_warmup", True):
+        warm = dict(rungs[0][1], cache=False)
+        measure_rung(dict(spec, warmup=0, repeats=1), warm, pixel_batches, cached_batches)
+
+    best: dict[str, Any] | None = None
+    ref: dict[str, Any] | None = None
+    opts: dict[str, Any] = {}
+    for name, change, what in rungs:
+        if deadline is not None and time.time() > float(deadline):
+            skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "variant": name, "reason": "not started: time budget spent"})
+            continue
+        trial = dict(opts, **change)
+        print(f"[train_throughput] ladder {spec['teacher']} / {spec['mode']} / {name}: {trial}", file=sys.stderr, flush=True)
+        try:
+            m = measure_rung(spec, trial, pixel_batches, cached_batches)
+        except Exception as exc:  # a rung this device or torch build cannot run is reported, not fatal
+            skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "variant": name,
+                            "reason": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"})
+            print(f"[train_throughput]   {name} failed: {exc}", file=sys.stderr, flush=True)
+            gc.collect()
+            save_partial()
+            continue
+        row = {"teacher": spec["teacher"], "mode": spec["mode"], "variant": name, "change": what, "batch": b,
+               "resolution": resolution, "latent_shape": list(shape[1:]), "device": str(device),
+               "options": trial, **m}
+        if ref is None:
+            ref, best, opts = row, row, trial
+            row["kept"] = True
+            row["speedup_over_previous"] = 1.0
+            row["mem_over_previous"] = 1.0
+        else:
+            row["speedup_over_previous"] = best["sec_per_step_median"] / row["sec_per_step_median"]
+            row["mem_over_previous"] = _ratio(row["peak_mem_mb"], best["peak_mem_mb"])
+            row["kept"] = keep_rung(row["speedup_over_previous"], row["mem_over_previous"])
+            if row["kept"]:
+                best, opts = row, trial
+        row["speedup_vs_reference"] = ref["sec_per_step_median"] / row["sec_per_step_median"]
+        row["mem_vs_reference"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"])
+        rows.append(row)
+        print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step ({row['speedup_over_previous']:.3f}x the best so far, "
+              f"{row['speedup_vs_reference']:.3f}x reference), peak {row['peak_mem_mb']:.0f} MiB "
+              f"({row['mem_vs_reference']:.3f}x reference); {'kept' if row['kept'] else 'dropped'}", file=sys.stderr, flush=True)
+        save_partial()
+    if best is not None:
+        for row in rows:
+            row["optimised"] = row is best
+    return {"rows": rows, "environment": env, "skipped": skipped}
+
+
+LADDER_MD_COLUMNS = ["teacher", "mode", "variant", "kept", "optimised", "batch", "resolution", "sec_per_step_median",
+                     "samples_per_s", "speedup_over_previous", "speedup_vs_reference", "peak_mem_mb", "mem_over_previous",
+                     "mem_vs_reference", "prime_s", "device"]
+
+
+def ladder_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per teacher x mode: the optimised step against the reference (same process), and what it kept."""
+    out = []
+    for key in dict.fromkeys((r["teacher"], r["mode"]) for r in rows):
+        group = [r for r in rows if (r["teacher"], r["mode"]) == key]
+        ref = next((r for r in group if r["variant"] == "reference"), None)
+        best = next((r for r in group if r.get("optimised")), None)
+        if ref is None or best is None:
+            continue
+        out.append({
+            "teacher": key[0], "mode": key[1], "batch": ref["batch"], "resolution": ref["resolution"],
+            "reference_samples_per_s": ref["samples_per_s"], "optimised_samples_per_s": best["samples_per_s"],
+            "speedup": ref["sec_per_step_median"] / best["sec_per_step_median"],
+            "reference_peak_mem_mb": ref["peak_mem_mb"], "optimised_peak_mem_mb": best["peak_mem_mb"],
+            "mem_ratio": _ratio(best["peak_mem_mb"], ref["peak_mem_mb"]),
+            "kept": ", ".join(r["variant"] for r in group if r.get("kept") and r["variant"] != "reference") or "(none)",
+            "dropped": ", ".join(r["variant"] for r in group if not r.get("kept")) or "(none)",
+        })
+    return out
+
+
+def render_ladder_markdown(result: dict[str, Any]) -> str:
+    from fastgen.evaluation.reports import markdown_table
+
+    p = result["protocol"]
+    lines = [
+        "# LCD training step: the reference step against the optimised step",
+        "",
+        f"Device: {p['device']} ({p['device_name']}); torch {p['torch']}, diffusers {p['diffusers']}; "
+        f"torch threads {p['torch_threads']} (OMP_NUM_THREADS={p['OMP_NUM_THREADS']}). "
+        f"{'Quick mode (smoke test, numbers not meaningful). ' if p['quick'] else ''}"
+        f"Generated {p['date']} by `{p['command']}`.",
+        "",
+        "Every row of one teacher x mode ran in the same process, one after the other. `reference` is the step of "
+        "diffusers' example LCD scripts: uncached VAE and text encoding of every batch, the teacher's uncond and cond "
+        "passes as two forwards, every network in float32, torch's default AdamW. Each further row adds one change to "
+        f"the best configuration so far and keeps it when it is >= {KEEP_SPEEDUP}x faster than that configuration, "
+        f"or costs <= {round((1 - KEEP_SLOWDOWN) * 100)}% speed and saves >= {round((1 - KEEP_MEMORY) * 100)}% peak memory; "
+        "`optimised` marks the configuration all kept changes make. "
+        f"One step = {p['step']}. Timing: {p['timing']}. Memory: {p['memory_definition']} ({p['memory']}).",
+        "",
+        "## Optimised against reference",
+        "",
+        markdown_table(result["summary"], ["teacher", "mode", "batch", "resolution", "reference_samples_per_s",
+                                           "optimised_samples_per_s", "speedup", "reference_peak_mem_mb",
+                                           "optimised_peak_mem_mb", "mem_ratio", "kept", "dropped"]).rstrip("\n"),
+        "",
+        "## Each change's contribution",
+        "",
+        markdown_table(result["rows"], LADDER_MD_COLUMNS).rstrip("\n"),
+        "",
+        "Changes: " + "; ".join(f"`{n}`: {w}" for n, _, w in LADDER) + ".",
+        "",
+    ]
+    if result["skipped"]:
+        lines += ["## Skipped or failed", ""]
+        lines += [f"- {' / '.join(str(s[k]) for k in ('teacher', 'mode', 'variant') if s.get(k))}: {s['reason']}"
+                  for s in result["skipped"]]
+        lines.append("")
+    lines += ["## Teachers", ""]
+    lines += [f"- `{k}`: {v}" for k, v in p["teachers"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_ladder(result: dict[str, Any], path: Path) -> Path | None:
+    """Samples/s and peak memory of every rung relative to the reference, one panel pair per teacher x mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = list(dict.fromkeys((r["teacher"], r["mode"]) for r in result["rows"]))
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for (teacher, mode), (ax_s, ax_m) in zip(groups, axes):
+        rows = [r for r in result["rows"] if (r["teacher"], r["mode"]) == (teacher, mode)]
+        names = [r["variant"] for r in rows]
+        colours = ["tab:green" if r.get("optimised") else ("tab:blue" if r.get("kept") else "tab:gray") for r in rows]
+        ax_s.barh(names, [r["speedup_vs_reference"] for r in rows], color=colours)
+        ax_s.axvline(1.0, color="k", lw=0.8)
+        ax_s.invert_yaxis()
+        ax_s.set_title(f"{teacher} / {mode}: samples/s vs reference")
+        ax_m.barh(names, [r["mem_vs_reference"] or 0 for r in rows], color=colours)
+        ax_m.axvline(1.0, color="k", lw=0.8)
+        ax_m.invert_yaxis()
+        ax_m.set_title("peak memory vs reference")
+    fig.suptitle("LCD step ladder (blue: kept, grey: dropped, green: the optimised configuration)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 # =========================================================================== orchestration
 
 
@@ -823,11 +1157,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def _worker_main(spec_path: str, out_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    partial = Path(out_path).with_name(Path(out_path).name.replace(".result.", ".partial."))
     if spec.get("job") == "build_sd15":
         build_sd15_pipeline(spec["folder"], int(spec["sample_size"]), bool(spec["mini"]))
         result: dict[str, Any] = {"folder": spec["folder"]}
+    elif spec.get("job") == "ladder":
+        result = run_ladder(spec, partial=partial)
     else:
-        result = run_config(spec, partial=Path(out_path).with_name(Path(out_path).name.replace(".result.", ".partial.")))
+        result = run_config(spec, partial=partial)
     Path(out_path).write_text(json.dumps(result, default=str), encoding="utf-8")
     return 0
 
@@ -958,9 +1295,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"running {DEADLINE_GRACE_S:.0f} s later is stopped (its finished variants are kept), and the "
                          "results are rewritten after every teacher x mode")
     ap.add_argument("--work-dir", default=None, help="where the temp SD1.5 pipeline and caches go (default: system temp)")
+    ap.add_argument("--study", choices=["ladder", "variants"], default="ladder",
+                    help="ladder (default): the reference step, then one optimisation at a time, kept where it holds "
+                         "(train_throughput.*); variants: the shipped step's batched/separate/cached variants "
+                         "(train_throughput_variants.*)")
+    ap.add_argument("--rungs", default=None, help="ladder: comma list of rungs, starting with reference (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args.sd15_latent_set = any(a.startswith("--sd15-latent") for a in raw)
+    args.sd15_batch_set = any(a.startswith("--sd15-batch") for a in raw)
     for name in ("repeats", "warmup", "sd15_repeats", "sd15_warmup", "batch", "sd15_batch", "sd15_latent", "lora_rank"):
         v = getattr(args, name)
         if v is not None and v < (0 if "warmup" in name else 1):
@@ -972,6 +1317,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return _worker_main(args.worker, args.worker_out)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+            return 2
+    if args.study == "ladder":
+        return main_ladder(args, argv)
+    global RESULT_NAME
+    RESULT_NAME = VARIANTS_RESULT_NAME
 
     started = time.time()
     deadline = started + args.budget_s if args.budget_s else None
@@ -1139,6 +1494,138 @@ def main(argv: list[str] | None = None) -> int:
 
     write()
     print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')} and .md in {round(time.time() - started, 1)} s",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--study ladder``: per teacher x mode, one worker process runs the reference step and every rung."""
+    started = time.time()
+    deadline = started + args.budget_s if args.budget_s else None
+    quick = bool(args.quick)
+    mini = quick or bool(args.tiny)
+    teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    rungs = [r.strip() for r in (args.rungs or ",".join(r[0] for r in LADDER)).split(",") if r.strip()]
+    bad = [t for t in teachers if t not in TEACHERS] + [m for m in modes if m not in MODES]
+    bad += [r for r in rungs if r not in {n for n, _, _ in LADDER}]
+    if bad or not teachers or not modes or rungs[:1] != ["reference"]:
+        print(f"unknown or empty --teachers/--modes/--rungs {bad} (the rungs start with reference); teachers: {TEACHERS}, "
+              f"modes: {MODES}, rungs: {[n for n, _, _ in LADDER]}", file=sys.stderr)
+        return 2
+    from fastgen.zoo.paths import resolve_model
+
+    sd15_latent = args.sd15_latent if args.sd15_latent_set else 32
+    sd15_batch = args.sd15_batch if args.sd15_batch_set else 2
+    settings = {
+        "digits": {"batch": args.batch or (4 if quick else 32), "warmup": args.warmup if args.warmup is not None else (1 if quick else 2),
+                   "repeats": args.repeats or (2 if quick else 8)},
+        "sd15-arch": {"batch": sd15_batch, "warmup": args.sd15_warmup if args.sd15_warmup is not None else 1,
+                      "repeats": args.sd15_repeats or (2 if quick else 3)},
+    }
+    sd15_label = "sd15-arch-mini" if mini else "sd15-arch"
+    teacher_notes = {
+        "digits": "the shipped sd-digits StableDiffusionPipeline (resolve_model('digits-sd')), 32 px (8x8x4 latents), trained weights",
+        "sd15-arch": (f"StableDiffusionPipeline with the SD1.5 UNet, VAE and CLIP-L text-encoder architectures and random weights "
+                      f"(see build_sd15_pipeline), {sd15_latent * 8} px = {sd15_latent}x{sd15_latent} latents"),
+        "sd15-arch-mini": f"the reduced-width SD1.5-architecture stand-in (--quick/--tiny), {sd15_latent * 8} px",
+    }
+    work = Path(tempfile.mkdtemp(prefix="fastgen-train-ladder-", dir=args.work_dir))
+    out = Path(args.out)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    env: dict[str, Any] | None = None
+    failed = False
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write() -> None:
+        result = {
+            "protocol": {
+                "benchmark": RESULT_NAME, "study": "ladder", "quick": quick, "command": command,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - started, 1), "device": args.device,
+                "device_name": (env or {}).get("gpu") or (env or {}).get("cpu") or _cpu_name(),
+                **{k: (env or {}).get(k) for k in ("torch", "diffusers", "transformers", "triton", "python", "torch_threads",
+                                                    "torch_interop_threads", "OMP_NUM_THREADS", "cpu_count", "cuda")},
+                "settings": {(sd15_label if k == "sd15-arch" else k): v for k, v in settings.items()},
+                "rungs": {n: {"change": c, "what": w} for n, c, w in LADDER if n in rungs},
+                "keep_rule": {"speedup_at_least": KEEP_SPEEDUP, "or_memory_at_most": KEEP_MEMORY, "with_speedup_at_least": KEEP_SLOWDOWN},
+                "step": "optimizer.zero_grad(set_to_none) + LCD.train_step + loss.backward + AdamW.step + LCD.after_optimizer_step",
+                "timing": "median seconds/step over the timed steps after the warm-up steps (each rung first runs "
+                          f"{args.prime} unmeasured priming step(s): first-use allocations and, under compile, the compilation); "
+                          "samples/s = batch / median",
+                "memory": rows[0]["mem_method"] if rows else "n/a",
+                "memory_definition": "peak_mem_mb = peak over the rung's warm-up + timed steps minus the process memory before "
+                                     "the rung's networks were built (weights in their dtype + the step's activations, "
+                                     "gradients and optimizer state)",
+                "budget_s": args.budget_s,
+                "lora_rank": args.lora_rank,
+                "teachers": {k: v for k, v in teacher_notes.items() if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},
+            },
+            "rows": rows, "summary": ladder_summary(rows), "skipped": skipped,
+        }
+        from fastgen.io import atomic_write_json, atomic_write_text
+
+        atomic_write_json(out / f"{RESULT_NAME}.json", result)
+        atomic_write_text(out / f"{RESULT_NAME}.md", render_ladder_markdown(result))
+        if rows:
+            plot_ladder(result, out / f"{RESULT_NAME}.png")
+
+    try:
+        for teacher in teachers:
+            label = teacher
+            if deadline is not None and time.time() > deadline:
+                skipped += [{"teacher": sd15_label if teacher == "sd15-arch" else teacher, "mode": m,
+                             "reason": "not started: time budget (--budget-s) spent"} for m in modes]
+                continue
+            if teacher == "digits":
+                folder = resolve_model("digits-sd")
+            else:
+                label, folder = sd15_label, work / sd15_label
+                print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
+                rc, _ = _run_child({"job": "build_sd15", "folder": os.fspath(folder), "sample_size": sd15_latent, "mini": mini},
+                                   work, f"build-{label}", deadline)
+                if rc != 0:
+                    failed = True
+                    skipped += [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+                    write()
+                    continue
+            s = settings[teacher]
+            for mode in modes:
+                if deadline is not None and time.time() > deadline:
+                    skipped.append({"teacher": label, "mode": mode, "reason": "not started: time budget (--budget-s) spent"})
+                    continue
+                avail = _available_bytes(args.device)
+                need = estimate_memory_bytes(folder, mode, "float32")  # the reference holds every network in float32
+                if avail is not None and need > avail * MEMORY_HEADROOM and not args.no_memory_check:
+                    skipped.append({"teacher": label, "mode": mode,
+                                    "reason": f"the float32 reference needs an estimated {need / 1e9:.1f} GB, "
+                                              f"{avail / 1e9:.1f} GB available (--no-memory-check runs it anyway)"})
+                    print(f"[train_throughput] skip {label}/{mode}: {skipped[-1]['reason']}", file=sys.stderr)
+                    write()
+                    continue
+                job = {"job": "ladder", "teacher": label, "folder": os.fspath(folder), "mode": mode, "batch": s["batch"],
+                       "warmup": s["warmup"], "repeats": s["repeats"], "prime": args.prime, "device": args.device,
+                       "resolution": sd15_latent * 8 if teacher == "sd15-arch" else None,
+                       "pool_batches": max(1, min(4, s["warmup"] + s["repeats"])), "work_dir": os.fspath(work),
+                       "lora_rank": args.lora_rank, "threads": args.threads, "rungs": rungs,
+                       "compile_mode": args.compile_mode, "deadline": deadline}
+                rc, result = _run_child(job, work, f"ladder-{label}-{mode}", deadline)
+                if rc != 0:
+                    failed = failed or rc != RC_DEADLINE
+                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)
+                                    + (f"; kept the {len(result['rows'])} rung(s) it had finished" if result else "")})
+                if result is None:
+                    failed = True
+                    write()
+                    continue
+                env = env or result["environment"]
+                skipped += result.get("skipped", [])
+                rows.extend(result["rows"])
+                write()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write()
+    print(f"[train_throughput] wrote {out / (RESULT_NAME + '.json')}, .md and .png in {round(time.time() - started, 1)} s",
           file=sys.stderr)
     return 1 if failed else 0
 

@@ -34,15 +34,15 @@ def bench():
 @pytest.fixture(scope="module")
 def quick_run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("train-throughput")
-    rc = bench.main(["--quick", "--teachers", "digits", "--out", str(out), "--threads", "1"])
+    rc = bench.main(["--study", "variants", "--quick", "--teachers", "digits", "--out", str(out), "--threads", "1"])
     return rc, out
 
 
 def test_quick_run_schema_and_throughput(bench, quick_run):
     rc, out = quick_run
     assert rc == 0
-    result = json.loads((out / "train_throughput.json").read_text())
-    md = (out / "train_throughput.md").read_text()
+    result = json.loads((out / "train_throughput_variants.json").read_text())
+    md = (out / "train_throughput_variants.md").read_text()
     assert "| teacher | mode | variant |" in md
 
     proto = result["protocol"]
@@ -77,7 +77,7 @@ def test_quick_run_schema_and_throughput(bench, quick_run):
 def test_quick_run_counts_teacher_forwards(quick_run):
     """Counted by the benchmark's forward hook on the teacher UNet during the warm-up steps."""
     _, out = quick_run
-    rows = json.loads((out / "train_throughput.json").read_text())["rows"]
+    rows = json.loads((out / "train_throughput_variants.json").read_text())["rows"]
     by = {(r["mode"], r["variant"]): r for r in rows}
     for mode in ("full", "lora"):
         b = by[(mode, "batched")]["batch"]
@@ -180,14 +180,14 @@ def test_comparisons_per_compile_section(bench):
 
 def test_budget_spent_before_anything_starts(bench, tmp_path):
     """--budget-s: nothing starts after the budget; the results (empty, with the reasons) are still written."""
-    rc = bench.main(["--teachers", "digits,sd15-arch", "--modes", "full", "--tiny", "--budget-s", "1e-9",
+    rc = bench.main(["--study", "variants", "--teachers", "digits,sd15-arch", "--modes", "full", "--tiny", "--budget-s", "1e-9",
                      "--out", str(tmp_path)])
     assert rc == 0
-    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    result = json.loads((tmp_path / "train_throughput_variants.json").read_text())
     assert result["rows"] == []
     assert [(s["teacher"], s["mode"]) for s in result["skipped"]] == [("digits", "full"), ("sd15-arch-mini", "full")]
     assert all("time budget" in s["reason"] for s in result["skipped"])
-    assert result["protocol"]["budget_s"] == 1e-9 and "Skipped or failed" in (tmp_path / "train_throughput.md").read_text()
+    assert result["protocol"]["budget_s"] == 1e-9 and "Skipped or failed" in (tmp_path / "train_throughput_variants.md").read_text()
 
 
 def test_worker_past_the_deadline_is_stopped(bench, tmp_path, monkeypatch):

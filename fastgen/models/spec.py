@@ -30,12 +30,16 @@ class TeacherConfig:
             the digits DiT).
         max_sequence_length: text length of T5-style encoders (Flux/SD3/PixArt); ``None`` = 16 for the
             digits DiT, else the pipeline default.
+        cfg_forward: how the teacher's classifier-free guidance runs: ``batched`` (one forward of the
+            uncond and cond rows together) or ``separate`` (two forwards; same result, smaller peak).
+            ``benchmarks/train_throughput.py`` measures both per size.
     """
 
     path: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int | None = None
     max_sequence_length: int | None = None
+    cfg_forward: Literal["batched", "separate"] = "batched"
 
     def __post_init__(self) -> None:
         if self.resolution is not None and self.resolution < 1:
@@ -91,6 +95,7 @@ def load_teacher(spec: TeacherConfig, default: str, families: tuple[str, ...], m
     else:
         res = int(teacher.default_resolution)
     teacher.check_resolution(res, res)
+    teacher.cfg_forward = spec.cfg_forward
     return LoadedTeacher(teacher=teacher, path=path, name=str(name), resolution=res, digits=digits, low_dtype=DTYPES[spec.dtype])
 
 

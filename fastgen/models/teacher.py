@@ -288,6 +288,9 @@ class Teacher(torch.nn.Module):
         self.kind: str = FAMILY_KIND[self.family]
         self.pipeline_class: str = pipe_class
         self._pipe = pipe
+        #: how :meth:`predict` runs classifier-free guidance: ``batched`` (one forward of ``[uncond; cond]``,
+        #: batch 2B) or ``separate`` (two forwards of batch B; the same result, a smaller activation peak)
+        self.cfg_forward: str = "batched"
 
         net = pipe.unet if self.kind == "unet" else pipe.transformer
         self.net: torch.nn.Module = net
@@ -779,15 +782,18 @@ class Teacher(torch.nn.Module):
         """``(x0, eps)`` predicted by the teacher, with classifier-free guidance.
 
         With ``uncond`` given and ``guidance != 1``, runs ONE network call on the batch
-        ``[uncond; cond]`` x ``[x_t; x_t]`` and combines ``out = u + w * (c - u)`` before converting
-        to ``(x0, eps)`` with the schedule. ``guidance`` may be a float or per-sample ``[B]``.
+        ``[uncond; cond]`` x ``[x_t; x_t]`` (or, with :attr:`cfg_forward` ``separate``, two calls of
+        batch B) and combines ``out = u + w * (c - u)`` before converting to ``(x0, eps)`` with the
+        schedule. ``guidance`` may be a float or per-sample ``[B]``.
         For a guidance-distilled Flux transformer without ``uncond``, ``guidance`` is fed to
         its guidance embedding instead.
         """
         b = x_t.shape[0]
         t = self._timesteps(t, b, x_t.device)
         use_cfg = uncond is not None and not (isinstance(guidance, (int, float)) and float(guidance) == 1.0)
-        if use_cfg:
+        if use_cfg and self.cfg_forward == "separate":
+            out = self.combine_guidance(self.forward(x_t, t, uncond.expand(b)), self.forward(x_t, t, cond.expand(b)), guidance)
+        elif use_cfg:
             both = uncond.expand(b).cat(cond.expand(b))
             out = self.forward(torch.cat([x_t, x_t], dim=0), torch.cat([t, t], dim=0), both)
             out = self.combine_guidance(*out.chunk(2, dim=0), guidance)

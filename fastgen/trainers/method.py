@@ -185,6 +185,35 @@ class Method(torch.nn.Module):
     def after_optimizer_step(self, name: str, step: int) -> None:
         """Called after optimizer ``name`` stepped (e.g. to update an EMA target)."""
 
+    # ---- speed (train.compile, train.channels_last) ------------------------------------------
+    def step_networks(self) -> dict[str, torch.nn.Module]:
+        """The denoising networks the training step runs, by name: what ``train.compile`` and
+        ``train.channels_last`` act on. Default: every diffusers model among the method's submodules
+        except VAEs, each once and outermost first (teacher network, student, EMA target, fake score)."""
+        from diffusers.models.modeling_utils import ModelMixin
+
+        found: dict[str, torch.nn.Module] = {}
+        seen: set[int] = set()
+        picked: list[str] = []
+        for name, module in self.named_modules():
+            if id(module) in seen or any(name.startswith(p + ".") for p in picked):
+                continue
+            seen.add(id(module))
+            if isinstance(module, ModelMixin) and "autoencoder" not in type(module).__name__.lower():
+                found[name] = module
+                picked.append(name)
+        return found
+
+    def constant_networks(self) -> tuple[str, ...]:
+        """Names among :meth:`step_networks` whose weights never change while training (a frozen teacher):
+        ``train.compile`` may fold them into the compiled code as constants (inductor's freezing, no-grad
+        calls only). Default: the teacher's network when none of its parameters trains."""
+        teacher = getattr(self, "teacher", None)
+        net = getattr(teacher, "net", None)
+        if net is None or any(p.requires_grad for p in net.parameters()):
+            return ()
+        return tuple(name for name, module in self.step_networks().items() if module is net)
+
     # ---- data ----------------------------------------------------------------------------------
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The training data (map-style; :func:`fastgen.data.build_dataset` of the ``data:`` section)."""

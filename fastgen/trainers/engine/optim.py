@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: optimizer names a spec may use
-OPTIMIZERS = ("adamw", "adam", "sgd", "prodigy")
+OPTIMIZERS = ("adamw", "adam", "sgd", "prodigy", "adamw8bit")
 _SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 
 
@@ -54,7 +54,9 @@ class OptimizerSpec:
     """One parameter group's optimizer; ``None`` fields inherit (method default, then ``train:``).
 
     Attributes:
-        optimizer: ``adamw``, ``adam``, ``sgd`` or ``prodigy`` (needs the ``prodigyopt`` package).
+        optimizer: ``adamw``, ``adam``, ``sgd``, ``prodigy`` (needs the ``prodigyopt`` package) or
+            ``adamw8bit`` (bitsandbytes' AdamW with 8-bit moments: a quarter of AdamW's state memory;
+            CUDA, needs the ``bitsandbytes`` package).
         learning_rate: base learning rate (Prodigy: its ``lr`` multiplier, usually 1.0).
         betas: Adam(W)/Prodigy ``(beta1, beta2)``.
         eps: Adam(W)/Prodigy epsilon.
@@ -66,12 +68,13 @@ class OptimizerSpec:
         lr_scheduler: ``constant``, ``constant_with_warmup``, ``cosine`` or ``linear``.
         warmup_steps: warm-up length in this group's own updates.
         foreach: use the multi-tensor (foreach) optimizer implementation where torch has one.
+        fused: use torch's fused (single-kernel) Adam/AdamW/SGD step (CPU and CUDA); ``null`` = torch's default.
         options: further keyword arguments of the optimizer class, e.g. Prodigy's
             ``{d_coef: 1.0, use_bias_correction: true, safeguard_warmup: true}`` or AdamW's
             ``{amsgrad: true}``; a key the class does not take is a ConfigError.
     """
 
-    optimizer: Literal["adamw", "adam", "sgd", "prodigy"] | None = None
+    optimizer: Literal["adamw", "adam", "sgd", "prodigy", "adamw8bit"] | None = None
     learning_rate: float | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = None
@@ -82,6 +85,7 @@ class OptimizerSpec:
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] | None = None
     warmup_steps: int | None = None
     foreach: bool | None = None
+    fused: bool | None = None
     options: dict[str, Any] | None = None
 
 
@@ -99,6 +103,7 @@ class ResolvedSpec:
     lr_scheduler: str
     warmup_steps: int
     foreach: bool | None = None
+    fused: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -149,6 +154,7 @@ def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: Optim
         lr_scheduler=sched,
         warmup_steps=int(merged.warmup_steps if merged.warmup_steps is not None else train.warmup_steps),
         foreach=merged.foreach,
+        fused=merged.fused,
         extra=dict(merged.options or {}),
     )
     reserved = sorted(set(spec.extra) & set(_SPEC_KEYWORDS))
@@ -168,8 +174,9 @@ def resolve_spec(group: str, recipe: OptimizerSpec | None, method_default: Optim
 
 #: optimizer keyword -> the spec field that sets it (``options`` may not set these)
 _SPEC_KEYWORDS = {"lr": "learning_rate", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
-                  "momentum": "momentum", "foreach": "foreach", "params": "(the method's parameter group)"}
+                  "momentum": "momentum", "foreach": "foreach", "fused": "fused", "params": "(the method's parameter group)"}
 _PRODIGY_HINT = "`pip install prodigyopt` (or `pip install fastgen[prodigy]`)"
+_BNB_HINT = "`pip install bitsandbytes` (CUDA)"
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -193,6 +200,15 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
                 "or choose adamw/adam/sgd (train.optimizer / train.optimizers.<group>.optimizer)"
             ) from exc
         return Prodigy
+    if name == "adamw8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError as exc:
+            raise ConfigError(
+                f"optimizer 'adamw8bit' needs the bitsandbytes package, which is not installed: {_BNB_HINT}; "
+                "or choose adamw (train.optimizer / train.optimizers.<group>.optimizer)"
+            ) from exc
+        return AdamW8bit
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -214,8 +230,13 @@ def build_optimizer(params: list[torch.nn.Parameter], spec: ResolvedSpec, group:
         kwargs["momentum"] = spec.momentum
     else:
         kwargs.update(betas=spec.betas, eps=spec.eps)
-    if spec.foreach is not None and spec.optimizer != "prodigy":  # Prodigy has no foreach switch
+    if spec.foreach is not None and spec.optimizer not in ("prodigy", "adamw8bit"):  # no foreach switch there
         kwargs["foreach"] = spec.foreach
+    if spec.fused is not None and spec.optimizer in ("adamw", "adam", "sgd"):
+        kwargs["fused"] = spec.fused
+    elif spec.fused:
+        raise ConfigError(f"optimizer '{group or spec.optimizer}' ({spec.optimizer}) has no fused implementation; "
+                          "set fused only for adamw, adam or sgd")
     kwargs.update(spec.extra)
     try:
         return cls(params, **kwargs)

@@ -71,6 +71,7 @@ from fastgen.errors import ConfigError, DataError, FastgenError
 from fastgen.io import atomic_write_text, save_image_grid
 from fastgen.trainers.engine import checkpoint as ckpt
 from fastgen.trainers.engine import sharding
+from fastgen.trainers.engine import speed
 from fastgen.trainers.engine.optim import OptimizerSpec, ResolvedSpec, build_optimizer, lr_lambda, resolve_spec
 from fastgen.trainers.method import Method, StepOutput
 
@@ -110,7 +111,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     #: optimizer of every parameter group unless its spec (``optimizers``) or the method's default names one;
     #: ``prodigy`` needs the optional ``prodigyopt`` package and usually ``learning_rate: 1.0``
-    optimizer: Literal["adamw", "adam", "sgd", "prodigy"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "prodigy", "adamw8bit"] = "adamw"
     #: learning rate of every optimizer unless its spec (``optimizers``) or ``learning_rates`` names one
     learning_rate: float = 1e-4
     #: per-optimizer learning rates, e.g. {disc: 2e-4}
@@ -147,6 +148,15 @@ class TrainConfig:
     shuffle: bool = True
     num_workers: int = 0
     progress: bool = True
+    #: torch.compile (inductor) of the networks the step runs (:mod:`fastgen.trainers.engine.speed`); samples
+    #: and evaluations run them eagerly. The first steps compile (minutes on a CPU); single-process runs only
+    compile: bool = False
+    #: torch.compile mode of the trained networks: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    #: torch.compile backend: inductor (generates kernels); eager / aot_eager only trace (a quick graph-break check)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    #: convolution networks of the step in the channels-last memory format
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "max_nonfinite_in_row", "log_every")
@@ -335,6 +345,8 @@ class Trainer:
     ):
         self.evaluator = evaluator
         self.config_changes = list(config_changes)
+        #: step networks compiled by ``train.compile`` (name -> how); empty when eager
+        self.compiled: dict[str, str] = {}
         self._rng_file: Path | None = None
         if not isinstance(method, Method):
             raise TypeError(f"Trainer needs a fastgen Method, got {type(method).__name__}")
@@ -363,6 +375,15 @@ class Trainer:
             self.groups = self._collect_groups()
             if self.world_size > 1:
                 self._broadcast_from_main()
+            if config.channels_last:
+                speed.apply_channels_last(self.method)
+            if config.compile:
+                if self.world_size > 1:
+                    raise ConfigError("train.compile is supported in single-process runs only; set train.compile=false "
+                                      "for multi-process training")
+                self.compiled = speed.compile_step_networks(self.method, config.compile_mode, backend=config.compile_backend)
+        elif config.compile or config.channels_last:
+            raise ConfigError("train.compile and train.channels_last are not supported with FSDP sharding; set them to false")
         else:
             self.sharding.apply(self.method, self._collect_groups(), self.device)
             self.groups = self._collect_groups()  # FSDP replaced the parameters: re-read the groups
@@ -759,7 +780,7 @@ class Trainer:
         modes = [(m, m.training) for m in self.method.modules()]
         self.method.eval()
         try:
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), speed.eager(bool(self.compiled)):
                 return fn()
         finally:
             for m, mode in modes:
