@@ -784,7 +784,7 @@ def run_config(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
 #: configuration so far and is kept only where it holds (see :func:`keep_rung`).
 LADDER: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("reference", {"cache": False, "cfg_forward": "separate", "teacher_dtype": "float32", "fused": None,
-                   "channels_last": False, "compile": False, "checkpointing": False},
+                   "channels_last": False, "compile": False, "checkpointing": False, "autocast": None},
      "example-script step: uncached VAE + text encoding, two teacher forwards, float32, default AdamW"),
     ("cache", {"cache": True}, "latents and text embeddings from the cache (data.latent_cache): no VAE encode, no text encoder"),
     ("batched_cfg", {"cfg_forward": "batched"}, "the teacher's uncond and cond rows in one forward of batch 2B"),
@@ -793,7 +793,11 @@ LADDER: tuple[tuple[str, dict[str, Any], str], ...] = (
      "frozen teacher weights (LoRA: the frozen base) and text encoders held in bf16; the student's maths stays float32"),
     ("channels_last", {"channels_last": True}, "convolution networks in the channels-last memory format"),
     ("compile", {"compile": True}, "torch.compile (inductor, dynamic=False) of teacher (with freezing), student, target"),
+    ("bf16_autocast", {"autocast": "bf16"},
+     "the step's forward under torch.autocast(bf16) (train.mixed_precision: bf16): the student's maths in bf16 too"),
 )
+#: Rungs left out of the default ladder on a CPU (bf16 autocast is a GPU option; ``--rungs`` still runs it).
+GPU_ONLY_RUNGS = ("bf16_autocast",)
 #: A rung that is not faster by this factor is kept only when it saves memory (see :func:`keep_rung`).
 KEEP_SPEEDUP = 1.02
 KEEP_MEMORY = 0.95
@@ -832,7 +836,8 @@ def ladder_method(spec: dict[str, Any], opts: dict[str, Any]):
     if opts.get("channels_last"):
         info["channels_last"] = speed.apply_channels_last(method)
     if opts.get("compile"):
-        info["compiled"] = speed.compile_step_networks(method, spec.get("compile_mode") or "default")
+        info["compiled"] = speed.compile_step_networks(method, spec.get("compile_mode") or "default",
+                                                       backend=spec.get("compile_backend") or "inductor")
     return method, info
 
 
@@ -865,8 +870,9 @@ def measure_rung(spec: dict[str, Any], opts: dict[str, Any], pixel_batches, cach
     torch.manual_seed(0)
     _sync(device)
     t0 = time.perf_counter()
+    autocast = opts.get("autocast")
     for i in range(int(spec.get("prime", 1))):  # first-use allocations; under compile, the compilation
-        train_iteration(method, optimizer, batches[i % len(batches)], i)
+        train_iteration(method, optimizer, batches[i % len(batches)], i, autocast)
     _sync(device)
     prime_s = time.perf_counter() - t0
     before_mb = base.base_mb
@@ -879,7 +885,7 @@ def measure_rung(spec: dict[str, Any], opts: dict[str, Any], pixel_batches, cach
         batch = batches[step % len(batches)]
         _sync(device)
         t1 = time.perf_counter()
-        losses.append(train_iteration(method, optimizer, batch, step))
+        losses.append(train_iteration(method, optimizer, batch, step, autocast))
         _sync(device)
         if i >= int(spec["warmup"]):
             times.append(time.perf_counter() - t1)
@@ -1506,7 +1512,8 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
     mini = quick or bool(args.tiny)
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rungs = [r.strip() for r in (args.rungs or ",".join(r[0] for r in LADDER)).split(",") if r.strip()]
+    default_rungs = [n for n, _, _ in LADDER if args.device == "cuda" or n not in GPU_ONLY_RUNGS]
+    rungs = [r.strip() for r in (args.rungs or ",".join(default_rungs)).split(",") if r.strip()]
     bad = [t for t in teachers if t not in TEACHERS] + [m for m in modes if m not in MODES]
     bad += [r for r in rungs if r not in {n for n, _, _ in LADDER}]
     if bad or not teachers or not modes or rungs[:1] != ["reference"]:
@@ -1608,7 +1615,7 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                        "resolution": sd15_latent * 8 if teacher == "sd15-arch" else None,
                        "pool_batches": max(1, min(4, s["warmup"] + s["repeats"])), "work_dir": os.fspath(work),
                        "lora_rank": args.lora_rank, "threads": args.threads, "rungs": rungs,
-                       "compile_mode": args.compile_mode, "deadline": deadline}
+                       "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "deadline": deadline}
                 rc, result = _run_child(job, work, f"ladder-{label}-{mode}", deadline)
                 if rc != 0:
                     failed = failed or rc != RC_DEADLINE

@@ -223,7 +223,7 @@ def test_quick_ladder_side_by_side(bench, tmp_path):
     assert [r["variant"] for r in rows] == ["reference", "cache", "batched_cfg", "fused_adamw"]
     ref = rows[0]
     assert ref["options"] == {"cache": False, "cfg_forward": "separate", "teacher_dtype": "float32", "fused": None,
-                              "channels_last": False, "compile": False, "checkpointing": False}
+                              "channels_last": False, "compile": False, "checkpointing": False, "autocast": None}
     assert ref["speedup_vs_reference"] == 1.0 and ref["kept"]
     for r in rows:
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 and math.isfinite(r["loss_last"])

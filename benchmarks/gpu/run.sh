@@ -239,22 +239,22 @@ if [[ ${#FAILED[@]} -gt 0 ]]; then
 fi
 
 # ----------------------------------------------------------------------------- steps
-# Shares of the 510 s budget: versions 40 + sd15_speed 100 + clear_attention 60 + flux_clear_speed 150
-# + train_lcd 160 = 510 (the bundle install before them takes a few seconds; the last step's
+# Shares of the 510 s budget: versions 40 + sd15_speed 90 + clear_attention 60 + flux_clear_speed 120
+# + train_lcd 200 = 510 (the bundle install before them takes a few seconds; the last step's
 # timeout is clipped by what is left).
 if [[ $DRY_RUN == 1 ]]; then
     SD15=(--quick --tiny --device cpu --threads 1)
     CLEAR=(--quick --device cpu --threads 1)
     FLUX=(--tiny --device cpu)
-    TRAIN=(--tiny --device cpu --threads 1 --sd15-latent 8 --sd15-batch 1 --sd15-warmup 1 --sd15-repeats 1
+    TRAIN=(--tiny --device cpu --threads 1 --sd15-latent 8 --sd15-batch 2 --sd15-warmup 0 --sd15-repeats 1
         --compile-backend aot_eager)
     SHARE_SD15=240 SHARE_CLEAR=400 SHARE_FLUX=240 SHARE_TRAIN=480
 else
     SD15=(--device cuda --repeats 5 --warmup 2)
     CLEAR=(--device cuda --dtype bfloat16)
     FLUX=(--device cuda --dtype bfloat16)
-    TRAIN=(--device cuda --sd15-latent 64 --sd15-batch 8 --sd15-warmup 2 --sd15-repeats 5)
-    SHARE_SD15=100 SHARE_CLEAR=60 SHARE_FLUX=150 SHARE_TRAIN=160
+    TRAIN=(--device cuda --sd15-latent 64 --sd15-batch 8 --sd15-warmup 1 --sd15-repeats 3)
+    SHARE_SD15=90 SHARE_CLEAR=60 SHARE_FLUX=120 SHARE_TRAIN=200
 fi
 
 # SD1.5-architecture sampling speed: teacher 50 DDIM steps + CFG vs LCM student 1/2/4 steps, 512 px fp16,
@@ -278,13 +278,16 @@ run_step flux_clear_speed "$SHARE_FLUX" 25 "$PY" benchmarks/gpu/flux_clear_speed
     "${FLUX[@]}" ${FLUX_SPEED_ARGS:-}
 [[ $PLAN == 1 ]] || show "$RESULTS/flux_clear_speed.md"
 
-# The LCD training step on the SD1.5 architecture (random weights, full mode: fp32 student + EMA target,
-# bf16 teacher, forward under bf16 autocast), 512 px, batch 8: one batched cond+uncond teacher forward vs
-# two separate ones, eager then torch.compile (inductor) in the same process; samples/s and peak memory.
+# The LCD training step on the SD1.5 architecture (random weights, full mode), 512 px, batch 8: the reference
+# step of diffusers' example script (uncached VAE + text encoding, two teacher forwards, every network in
+# float32, default AdamW), then one optimisation at a time on the best configuration so far (cache, batched
+# CFG, fused AdamW, bf16 teacher, channels-last, torch.compile, bf16 autocast), each kept where it holds;
+# samples/s and peak memory side by side in one process (benchmarks/train_throughput.py --study ladder).
 # shellcheck disable=SC2086
 run_step train_lcd "$SHARE_TRAIN" 25 "$PY" benchmarks/train_throughput.py --out "$RESULTS" --budget-s @BUDGET@ \
-    --teachers sd15-arch --modes full --teacher-dtype bfloat16 --autocast bf16 --variants batched,separate \
-    --compile both "${TRAIN[@]}" ${TRAIN_LCD_ARGS:-}
+    --study ladder --teachers sd15-arch --modes full \
+    --rungs reference,cache,batched_cfg,fused_adamw,bf16_teacher,channels_last,compile,bf16_autocast \
+    "${TRAIN[@]}" ${TRAIN_LCD_ARGS:-}
 [[ $PLAN == 1 ]] || show "$RESULTS/train_throughput.md"
 
 # ============================================================================= MORE GPU STEPS HERE
