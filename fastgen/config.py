@@ -497,6 +497,17 @@ def _assign(
             inner, _ = _strip_optional(tp)
             targs = typing.get_args(inner)
             val_tp = targs[1] if targs else Any
+            val_dc = _dataclass_of(val_tp)
+            if val_dc is not None and len(rest) >= 2:  # e.g. train.optimizers.student.fused=true
+                entry = current.get(rest[0])
+                if dataclasses.is_dataclass(entry) and not isinstance(entry, type):
+                    entry = _instance_to_acc(entry)
+                elif not isinstance(entry, dict):
+                    entry = _defaults_acc(val_dc)
+                where = f"{full}.{rest[0]}."
+                _assign(val_dc, entry, rest[1:], value, source, where)
+                current[rest[0]] = _instantiate(val_dc, entry, where, source)
+                return
             node = current
             for i, part in enumerate(rest[:-1]):
                 nxt = node.get(part)

@@ -249,3 +249,16 @@ def test_bad_recipe_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Recipe, lst)
+
+
+def test_dotted_override_into_a_mapping_of_dataclasses():
+    """``train.optimizers.<group>.<field>=v`` on the command line builds or updates that group's OptimizerSpec
+    (a recipe's own values for the group are kept) and names a misspelt field."""
+    from fastgen.trainers.engine.trainer import TrainConfig
+
+    cfg = load_config(TrainConfig, None, base={"optimizers": {"student": {"learning_rate": 0.1}}},
+                      overrides=["optimizers.student.fused=true", "optimizers.disc.betas=[0.0,0.99]"])
+    assert cfg.optimizers["student"].fused is True and cfg.optimizers["student"].learning_rate == 0.1
+    assert cfg.optimizers["disc"].betas == (0.0, 0.99)
+    with pytest.raises(ConfigError, match="did you mean 'optimizers.student.fused'"):
+        load_config(TrainConfig, None, overrides=["optimizers.student.fusd=true"])
