@@ -793,6 +793,8 @@ LADDER: tuple[tuple[str, dict[str, Any], str], ...] = (
      "frozen teacher weights (LoRA: the frozen base) and text encoders held in bf16; the student's maths stays float32"),
     ("channels_last", {"channels_last": True}, "convolution networks in the channels-last memory format"),
     ("compile", {"compile": True}, "torch.compile (inductor, dynamic=False) of teacher (with freezing), student, target"),
+    ("checkpointing", {"checkpointing": True},
+     "gradient checkpointing of the student (its activations recomputed in backward): memory for compute"),
     ("bf16_autocast", {"autocast": "bf16"},
      "the step's forward under torch.autocast(bf16) (train.mixed_precision: bf16): the student's maths in bf16 too"),
 )
@@ -837,6 +839,7 @@ def ladder_method(spec: dict[str, Any], opts: dict[str, Any]):
         info["channels_last"] = speed.apply_channels_last(method)
     if opts.get("compile"):
         info["compiled"] = speed.compile_step_networks(method, spec.get("compile_mode") or "default",
+                                                       freeze_constant=bool(spec.get("freeze", True)),
                                                        backend=spec.get("compile_backend") or "inductor")
     return method, info
 
@@ -1040,13 +1043,7 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
 
     p = result["protocol"]
     lines = [
-        "# LCD training step: the reference step against the optimised step",
-        "",
-        f"Device: {p['device']} ({p['device_name']}); torch {p['torch']}, diffusers {p['diffusers']}; "
-        f"torch threads {p['torch_threads']} (OMP_NUM_THREADS={p['OMP_NUM_THREADS']}). "
-        f"{'Quick mode (smoke test, numbers not meaningful). ' if p['quick'] else ''}"
-        f"Generated {p['date']} by `{p['command']}`.",
-        "",
+        *_header(p, "LCD training step: the reference step against the optimised step"),
         "Every row of one teacher x mode ran in the same process, one after the other. `reference` is the step of "
         "diffusers' example LCD scripts: uncached VAE and text encoding of every batch, the teacher's uncond and cond "
         "passes as two forwards, every network in float32, torch's default AdamW. Each further row adds one change to "
@@ -1068,14 +1065,7 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
         "Changes: " + "; ".join(f"`{n}`: {w}" for n, _, w in LADDER) + ".",
         "",
     ]
-    if result["skipped"]:
-        lines += ["## Skipped or failed", ""]
-        lines += [f"- {' / '.join(str(s[k]) for k in ('teacher', 'mode', 'variant') if s.get(k))}: {s['reason']}"
-                  for s in result["skipped"]]
-        lines.append("")
-    lines += ["## Teachers", ""]
-    lines += [f"- `{k}`: {v}" for k, v in p["teachers"].items()]
-    lines.append("")
+    lines += _footer(result)
     return "\n".join(lines)
 
 
@@ -1175,6 +1165,22 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     return 0
 
 
+def _run_job(job: dict[str, Any], work: Path, name: str, deadline: float | None,
+             unit: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+    """One teacher x mode worker: ``(result or None, skipped entries to report, whether it failed)``; a worker
+    stopped at the deadline is not a failure, and what it finished (``unit``s: variants, rungs) is kept."""
+    rc, result = _run_child(job, work, name, deadline)
+    reported: list[dict[str, Any]] = []
+    failed = False
+    if rc != 0:
+        failed = rc != RC_DEADLINE
+        reported.append({"teacher": job["teacher"], "mode": job["mode"], "reason": _rc_reason(rc)
+                         + (f"; kept the {len(result['rows'])} {unit}(s) it had finished" if result else "")})
+    if result is None:
+        return None, reported, True
+    return result, reported + result.get("skipped", []), failed
+
+
 def _rc_reason(rc: int) -> str:
     if rc == RC_DEADLINE:
         return f"worker stopped {DEADLINE_GRACE_S:.0f} s after the time budget (--budget-s) ran out"
@@ -1215,18 +1221,39 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def render_markdown(result: dict[str, Any]) -> str:
-    from fastgen.evaluation.reports import markdown_table
+def _footer(result: dict[str, Any]) -> list[str]:
+    """The skipped / failed cases and the teachers' descriptions of a result's markdown."""
+    lines: list[str] = []
+    if result["skipped"]:
+        lines += ["## Skipped or failed", ""]
+        lines += [f"- {' / '.join(str(s[k]) for k in ('teacher', 'mode', 'variant', 'compile') if s.get(k))}: {s['reason']}"
+                  for s in result["skipped"]]
+        lines.append("")
+    lines += ["## Teachers", ""]
+    lines += [f"- `{k}`: {v}" for k, v in result["protocol"]["teachers"].items()]
+    lines.append("")
+    return lines
 
-    p = result["protocol"]
-    lines = [
-        "# LCD training-step throughput",
+
+def _header(p: dict[str, Any], title: str) -> list[str]:
+    """Title and the device / versions / command line of a result's markdown."""
+    return [
+        f"# {title}",
         "",
         f"Device: {p['device']} ({p['device_name']}); torch {p['torch']}, diffusers {p['diffusers']}; "
         f"torch threads {p['torch_threads']} (OMP_NUM_THREADS={p['OMP_NUM_THREADS']}). "
         f"{'Quick mode (smoke test, numbers not meaningful). ' if p['quick'] else ''}"
         f"Generated {p['date']} by `{p['command']}`.",
         "",
+    ]
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    from fastgen.evaluation.reports import markdown_table
+
+    p = result["protocol"]
+    lines = [
+        *_header(p, "LCD training-step throughput"),
         "One step = zero_grad + `LCD.train_step` + backward + AdamW step + `after_optimizer_step`; "
         "median seconds/step over the timed steps after warm-up; samples/s = batch / median. "
         "`peak_mem_mb` = peak over the variant's steps minus the memory just before them "
@@ -1254,14 +1281,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["## Notes", ""]
         lines += [f"- {t} / {m}: {n}" for (t, m), n in notes.items()]
         lines.append("")
-    if result["skipped"]:
-        lines += ["## Skipped or failed", ""]
-        lines += [f"- {' / '.join(str(s[k]) for k in ('teacher', 'mode', 'variant', 'compile') if s.get(k))}: {s['reason']}"
-                  for s in result["skipped"]]
-        lines.append("")
-    lines += ["## Teachers", ""]
-    lines += [f"- `{k}`: {v}" for k, v in p["teachers"].items()]
-    lines.append("")
+    lines += _footer(result)
     return "\n".join(lines)
 
 
@@ -1305,6 +1325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="ladder (default): the reference step, then one optimisation at a time, kept where it holds "
                          "(train_throughput.*); variants: the shipped step's batched/separate/cached variants "
                          "(train_throughput_variants.*)")
+    ap.add_argument("--no-freeze", action="store_true",
+                    help="ladder: compile the frozen teacher without inductor's freezing (no folded weight copies)")
     ap.add_argument("--rungs", default=None, help="ladder: comma list of rungs, starting with reference (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -1472,17 +1494,13 @@ def main(argv: list[str] | None = None) -> int:
                     "compile_mode": args.compile_mode,
                     "deadline": deadline,
                 }
-                rc, result = _run_child(job, work, f"{label}-{mode}", deadline)
-                if rc != 0:
-                    failed = failed or rc != RC_DEADLINE
-                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)
-                                    + (f"; kept the {len(result['rows'])} variant(s) it had finished" if result else "")})
+                result, reported, bad = _run_job(job, work, f"{label}-{mode}", deadline, "variant")
+                skipped += reported
+                failed = failed or bad
                 if result is None:
-                    failed = True
                     write()
                     continue
                 env = env or result["environment"]
-                skipped += result.get("skipped", [])
                 for row in result["rows"]:
                     row["estimated_need_gb"] = round(need / 1e9, 2)
                     if note:
@@ -1615,18 +1633,15 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                        "resolution": sd15_latent * 8 if teacher == "sd15-arch" else None,
                        "pool_batches": max(1, min(4, s["warmup"] + s["repeats"])), "work_dir": os.fspath(work),
                        "lora_rank": args.lora_rank, "threads": args.threads, "rungs": rungs,
-                       "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "deadline": deadline}
-                rc, result = _run_child(job, work, f"ladder-{label}-{mode}", deadline)
-                if rc != 0:
-                    failed = failed or rc != RC_DEADLINE
-                    skipped.append({"teacher": label, "mode": mode, "reason": _rc_reason(rc)
-                                    + (f"; kept the {len(result['rows'])} rung(s) it had finished" if result else "")})
+                       "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "freeze": not args.no_freeze,
+                       "deadline": deadline}
+                result, reported, bad = _run_job(job, work, f"ladder-{label}-{mode}", deadline, "rung")
+                skipped += reported
+                failed = failed or bad
                 if result is None:
-                    failed = True
                     write()
                     continue
                 env = env or result["environment"]
-                skipped += result.get("skipped", [])
                 rows.extend(result["rows"])
                 write()
     finally:
