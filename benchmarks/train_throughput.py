@@ -2,7 +2,23 @@
 
 Usage::
 
-    python benchmarks/train_throughput.py [--quick] [--out benchmarks/results] [--device cpu|cuda] [--repeats N]
+    # the ladder (default): the reference step against the optimised one, one change at a time
+    python benchmarks/train_throughput.py [--quick] [--out benchmarks/results] [--device cpu|cuda] [--rungs ...]
+    # the shipped step's batched / separate / cached variants (train_throughput_variants.*)
+    python benchmarks/train_throughput.py --study variants [--repeats N] ...
+
+``--study ladder`` (:data:`LADDER`): per teacher x mode, one worker process measures the reference step of
+diffusers' example LCD scripts (uncached VAE and text encoding of every batch, the teacher's uncond and
+cond passes as two forwards, every network in float32, torch's default AdamW), then adds one change at a
+time (latent cache, batched CFG, fused AdamW, bf16 teacher, channels-last, torch.compile, gradient
+checkpointing; bf16 autocast on GPUs) to the best configuration so far, keeping it where it holds
+(:func:`keep_rung`). Each rung is a fresh LCD object built in the same process after the previous one is
+freed, so its peak memory counts its own weights (from before the build) as well as the step; a first
+unmeasured run of the reference configuration takes the process's one-off allocations. Defaults: the
+digits teacher at batch 32 and the SD1.5 architecture at 32x32 latents (256 px), batch 2. Writes
+``<out>/train_throughput.{json,md,png}``.
+
+The rest of this docstring describes ``--study variants``:
 
     # the GPU step of benchmarks/gpu/run.sh: the SD1.5 architecture at 512 px, bf16, batched vs separate
     # CFG, eager then torch.compile, inside a time budget
