@@ -206,9 +206,9 @@ def bench():
 
 def test_keep_rule(bench):
     assert bench.keep_rung(1.10, 1.2)  # faster: kept even if it costs memory
-    assert bench.keep_rung(0.99, 0.80)  # as fast, much leaner: kept
+    assert bench.keep_rung(0.95, 0.80)  # leaner for <= 10% of the speed: kept
     assert not bench.keep_rung(1.00, 0.99)  # neither
-    assert not bench.keep_rung(0.90, 0.50)  # leaner but clearly slower
+    assert not bench.keep_rung(0.85, 0.50)  # leaner but more than 10% slower
 
 
 def test_quick_ladder_side_by_side(bench, tmp_path):
@@ -223,7 +223,8 @@ def test_quick_ladder_side_by_side(bench, tmp_path):
     assert [r["variant"] for r in rows] == ["reference", "cache", "batched_cfg", "fused_adamw"]
     ref = rows[0]
     assert ref["options"] == {"cache": False, "cfg_forward": "separate", "teacher_dtype": "float32", "fused": None,
-                              "channels_last": False, "compile": False, "checkpointing": False, "autocast": None}
+                              "channels_last": False, "compile": False, "checkpointing": False, "autocast": None,
+                              "ema": "loop"}
     assert ref["speedup_vs_reference"] == 1.0 and ref["kept"]
     for r in rows:
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 and math.isfinite(r["loss_last"])
@@ -255,6 +256,45 @@ def test_reference_rung_runs_the_example_step(bench):
             counter.close()
         calls[name] = counter.summary()
         assert m.teacher.dtype == torch.float32
+        # the reference's EMA update loops over the parameters (as the example script does), with the same result
+        assert ("update_target" in vars(m.nets)) is (name == "reference")
+        if name == "reference":
+            before = [p.detach().clone() for p in m.nets.target.parameters()]
+            m.nets.update_target(0.5)
+            after = list(m.nets.target.parameters())
+            worst = max(float((a - (0.5 * b + 0.5 * s.detach())).abs().max())
+                        for a, b, s in zip(after, before, m.nets.student.parameters()))
+            assert worst <= 1e-6
     assert calls["reference"]["teacher_unet_rows_per_call"] == [2, 2]
     assert calls["reference"]["vae_encoder_calls_per_step"] == 1 and calls["reference"]["text_encoder_calls_per_step"] == 1
     assert calls["batched"]["teacher_unet_rows_per_call"] == [4]
+
+
+#: digits recipes whose step networks trace without a graph break (CLEAR's attention processor reads the token
+#: grid from the values of img_ids and guards its mask cache with a lock: 21 breaks, not in this list)
+NO_BREAK_RECIPES = {
+    "lcd-lora-digits": [], "lcd-flux-digits": [], "boot-digits": [], "dmd-digits": [], "rg-lcd-digits-direct": [],
+    "scott-digits": ["scott.adv_start_step=1"],
+    "disback-digits": ["disback.path_nodes=1", "disback.degradation_steps=1", "disback.interval=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(NO_BREAK_RECIPES))
+def test_every_methods_step_traces_without_graph_breaks(recipe, tmp_path):
+    """train.compile through the shared engine for each method's digits recipe (backend eager: dynamo's tracing):
+    2 steps train, each step network is compiled, and dynamo records no graph break and no recompilation."""
+    from fastgen.trainers.engine import run as trun
+
+    common = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "train.eval_every=0", "train.log_with=none",
+              "train.progress=false", "sample.eval_samples=0", "train.checkpoint_every=0", "train.compile=true",
+              "train.compile_backend=eager"]
+    torch._dynamo.reset()
+    try:
+        trainer, _ = trun.prepare_run(recipe, [f"output_dir={tmp_path / recipe}", *common, *NO_BREAK_RECIPES[recipe]])
+        trainer.train()
+        counts = speed.compile_counters()
+    finally:
+        torch._dynamo.reset()
+    assert trainer.compiled and trainer.step == 2
+    assert counts["graphs"] >= 2 and counts["graph_breaks"] == 0 and counts["recompiles"] == 0, counts
