@@ -246,7 +246,7 @@ def test_reference_rung_runs_the_example_step(bench):
     spec = {"folder": str(resolve_model("digits-sd")), "mode": "full", "device": "cpu", "lora_rank": 4}
     ref_opts = dict(bench.LADDER[0][1])
     calls = {}
-    for name, opts in (("reference", ref_opts), ("batched", dict(ref_opts, cfg_forward="batched"))):
+    for name, opts in (("reference", ref_opts), ("batched", dict(ref_opts, cfg_forward="batched", ema="foreach"))):
         m, _ = bench.ladder_method(spec, opts)
         counter = bench.CallCounter(m)
         try:
