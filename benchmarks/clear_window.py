@@ -50,16 +50,25 @@ def _latency(seconds: float | None) -> str:
     return "not timed" if seconds is None else f"{seconds:.3f}"
 
 
-def radius_of(run_dir: Path) -> int:
+def run_config(run_dir: Path) -> dict:
+    """The CLEAR run's ``config.yaml``, or, when the run folder is gone, the shipped recipe of the same name
+    (``fastgen/recipes/<folder name>.yaml``, which the bench trained the row from)."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist; name the CLEAR run the row was benchmarked from")
+        path = Path(__file__).resolve().parents[1] / "fastgen" / "recipes" / f"{run_dir.name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: {run_dir / 'config.yaml'} does not exist and no recipe {path.name} ships; name the CLEAR "
+                         "run the row was benchmarked from")
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     if config.get("method") != "clear":
-        raise SystemExit(f"error: {run_dir} is a {config.get('method')!r} run, not a CLEAR one")
-    return int(config["clear"]["radius"])
+        raise SystemExit(f"error: {path} is a {config.get('method')!r} run, not a CLEAR one")
+    return config
+
+
+def radius_of(run_dir: Path) -> int:
+    return int(run_config(run_dir)["clear"]["radius"])
 
 
 def plot(points: list[dict], teacher: dict, path: Path) -> None:
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"error: {spec!r}: write LABEL@STEPS=RUN_DIR")
         points.append(point(label, radius_of(Path(run)), run))
+        points[-1]["train_steps"] = run_config(Path(run)).get("train", {}).get("max_steps")
     for pt in points:
         pt["fid_vs_teacher"] = round(pt["digits_fid"] / teacher["digits_fid"], 3)
     result = {"name": "clear_window", "grid": f"{grid}x{grid} image tokens + {text_len} text tokens",
@@ -142,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# CLEAR on the digits DiT: quality vs window", "",
              f"Token grid {result['grid']}; rows from `{args.quality}` (same protocol: 1000 samples, 50 steps, "
              "true CFG against the empty prompt).", "",
-             "| row | radius | image keys / query | share of image tokens | attention FLOPs vs full | digits_fid "
-             "| vs teacher | digit_accuracy | network s / image (sampling_speed) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| row | radius | training steps | image keys / query | share of image tokens | attention FLOPs vs full "
+             "| digits_fid | vs teacher | digit_accuracy | network s / image (sampling_speed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for pt in [teacher] + points:
         ratio = pt.get("fid_vs_teacher", 1.0)
-        lines.append(f"| {pt['label']} | {pt['radius'] if pt['radius'] is not None else 'full'} | "
+        lines.append(f"| {pt['label']} | {pt['radius'] if pt['radius'] is not None else 'full'} | {pt.get('train_steps') or ''} | "
                      f"{pt['image_keys_per_query']:.2f} | {100 * pt['image_window_share']:.1f}% | "
                      f"{100 * pt['attention_flop_fraction']:.1f}% | {pt['digits_fid']:.2f} | {ratio:.3f} | "
                      f"{pt['digit_accuracy']} | {_latency(pt['network_latency_s'])} |")

@@ -53,3 +53,20 @@ def test_missing_row_and_wrong_run_are_named(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), f"clear@50={other}", "--quality", str(quality),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not a CLEAR one" in r.stderr
+
+
+def test_a_missing_run_folder_falls_back_to_the_shipped_recipe(tmp_path):
+    """The bench trains rows from the shipped recipes: without the run folder, its radius and steps come from
+    fastgen/recipes/<folder name>.yaml; a name no recipe has is an error."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("clear_window_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.radius_of(tmp_path / "clear-digits-r1") == 1
+    assert module.radius_of(tmp_path / "clear-digits") == 2
+    assert module.run_config(tmp_path / "clear-digits")["train"]["max_steps"] >= 1
+    with pytest.raises(SystemExit, match="no recipe"):
+        module.radius_of(tmp_path / "not-a-run")
