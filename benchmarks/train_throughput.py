@@ -896,75 +896,112 @@ def ladder_optimizer(method, fused: bool | None):
     return build_optimizer(params, spec, "student")
 
 
-def measure_rung(spec: dict[str, Any], opts: dict[str, Any], pixel_batches, cached_batches) -> dict[str, Any]:
-    """Build one rung's LCD object, prime it, then measure warm-up + timed steps; memory counts from
-    before the build (weights + step), so the rung's dtype and cache choices show in it."""
+class Config:
+    """One configuration of the ladder, built and alive: its LCD object, optimizer, batches and memory."""
+
+    def __init__(self, spec: dict[str, Any], opts: dict[str, Any], pixel_batches, cached_batches) -> None:
+        import torch
+
+        self.opts = opts
+        self.device = torch.device(spec["device"])
+        self.autocast = opts.get("autocast")
+        self.batches = cached_batches if opts["cache"] else pixel_batches
+        self.step = 0
+        gc.collect()
+        _malloc_trim()
+        before = _current_mb(self.device)
+        t0 = time.perf_counter()
+        self.method, self.info = ladder_method(spec, opts)
+        self.optimizer = ladder_optimizer(self.method, opts.get("fused"))
+        self.build_s = time.perf_counter() - t0
+        #: memory the configuration's networks hold (weights in their dtypes), measured over the build
+        self.weights_mb = max(_current_mb(self.device) - before, 0.0)
+        torch.manual_seed(0)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(int(spec.get("prime", 1))):  # first-use allocations; under compile, the compilation
+            self.run_step()
+        _sync(self.device)
+        self.prime_s = time.perf_counter() - t0
+        # the step's own memory, alone in its window: activations, gradients, optimizer state, temporaries
+        window = MemoryWindow(self.device)
+        window.start()
+        self.losses = [self.run_step() for _ in range(max(int(spec["warmup"]), 1))]
+        self.step_mb, _ = window.stop()
+        self.mem_method = window.method
+        self.times: list[float] = []
+
+    @property
+    def peak_mem_mb(self) -> float:
+        return self.weights_mb + self.step_mb
+
+    def run_step(self) -> float:
+        loss = train_iteration(self.method, self.optimizer, self.batches[self.step % len(self.batches)], self.step, self.autocast)
+        self.step += 1
+        return loss
+
+    def timed_step(self) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.losses.append(self.run_step())
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.times.append(dt)
+        return dt
+
+    def close(self) -> None:
+        import torch
+
+        compiled = bool(self.opts.get("compile"))
+        self.method = self.optimizer = None
+        if compiled:
+            torch._dynamo.reset()
+        gc.collect()
+        _malloc_trim()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _current_mb(device) -> float:
     import torch
 
-    device = torch.device(spec["device"])
-    gc.collect()
-    _malloc_trim()
-    base = MemoryWindow(device)
-    base.start()  # baseline before the networks exist
-    t0 = time.perf_counter()
-    method, info = ladder_method(spec, opts)
-    build_s = time.perf_counter() - t0
-    batches = cached_batches if opts["cache"] else pixel_batches
-    optimizer = ladder_optimizer(method, opts.get("fused"))
-    torch.manual_seed(0)
-    _sync(device)
-    t0 = time.perf_counter()
-    autocast = opts.get("autocast")
-    for i in range(int(spec.get("prime", 1))):  # first-use allocations; under compile, the compilation
-        train_iteration(method, optimizer, batches[i % len(batches)], i, autocast)
-    _sync(device)
-    prime_s = time.perf_counter() - t0
-    before_mb = base.base_mb
-    window = MemoryWindow(device)
-    window.start()  # resets the high-water mark; its own baseline is unused
-    window.base_mb = before_mb
-    times, losses = [], []
-    step = 0
-    for i in range(int(spec["warmup"]) + int(spec["repeats"])):
-        batch = batches[step % len(batches)]
-        _sync(device)
-        t1 = time.perf_counter()
-        losses.append(train_iteration(method, optimizer, batch, step, autocast))
-        _sync(device)
-        if i >= int(spec["warmup"]):
-            times.append(time.perf_counter() - t1)
-        step += 1
-    delta_mb, peak_mb = window.stop()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    return (_status_kb("VmRSS") or 0) / 1024
+
+
+def paired_times(a: Config, b: Config, rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` timed steps of each configuration, interleaved A B, B A, A B ... so that a drift in the
+    machine's speed reaches both alike; returns the two lists of seconds."""
+    ta, tb = [], []
+    for r in range(rounds):
+        for cfg, out in (((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta))):
+            out.append(cfg.timed_step())
+    return ta, tb
+
+
+def _row_fields(cfg: Config, times: list[float], batch: int) -> dict[str, Any]:
     from fastgen.trainers.engine import speed
 
-    row = {
-        "sec_per_step_median": statistics.median(times),
-        "sec_per_step_min": min(times),
-        "sec_per_step_all": [round(t, 6) for t in times],
-        "samples_per_s": len(batches[0]["caption"]) / statistics.median(times),
-        "peak_mem_mb": round(delta_mb, 2),
-        "peak_mem_total_mb": round(peak_mb, 2),
-        "mem_before_build_mb": round(before_mb, 2),
-        "mem_method": window.method,
-        "build_s": round(build_s, 3),
-        "prime_s": round(prime_s, 3),
-        "loss_last": losses[-1],
-        **({"compile_counters": speed.compile_counters()} if opts.get("compile") else {}),
-        **info,
+    median = statistics.median(times)
+    return {
+        "sec_per_step_median": median, "sec_per_step_min": min(times), "sec_per_step_all": [round(t, 6) for t in times],
+        "samples_per_s": batch / median, "peak_mem_mb": round(cfg.peak_mem_mb, 2), "weights_mb": round(cfg.weights_mb, 2),
+        "step_mem_mb": round(cfg.step_mb, 2), "mem_method": cfg.mem_method, "build_s": round(cfg.build_s, 3),
+        "prime_s": round(cfg.prime_s, 3), "loss_last": cfg.losses[-1],
+        **({"compile_counters": speed.compile_counters()} if cfg.opts.get("compile") else {}), **cfg.info,
     }
-    del optimizer, method
-    if opts.get("compile"):
-        torch._dynamo.reset()
-    gc.collect()
-    _malloc_trim()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
 
 
 def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, Any]:
-    """The optimisation ladder of one teacher x mode in this process (see :data:`LADDER`): the reference
-    step, then each rung on top of the best configuration so far, side by side."""
+    """The optimisation ladder of one teacher x mode in this process (see :data:`LADDER`).
+
+    The reference configuration is built first. Each rung builds the best configuration so far plus its change
+    and times the two interleaved (:func:`paired_times`), so its ratio to the best is measured side by side;
+    a kept change makes the trial the new best. Each configuration's memory is its weights (measured over its
+    build) plus its step's peak (measured alone). Finally the reference is built again and timed interleaved
+    with the optimised configuration: the row ``optimised`` and the summary's speedup."""
     import torch
 
     if spec.get("threads"):
@@ -978,6 +1015,7 @@ def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
     if not rungs or rungs[0][0] != "reference":
         raise ValueError("the ladder starts at the reference rung")
     b = int(spec["batch"])
+    rounds = int(spec["repeats"])
     # pixels + captions, and their cached latents + embeddings (encoded once, by a float32 teacher)
     teacher = Teacher.from_pretrained(spec["folder"]).to(device)
     resolution = int(spec.get("resolution") or teacher.default_resolution)
@@ -995,6 +1033,8 @@ def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     deadline = spec.get("deadline")
+    common = {"teacher": spec["teacher"], "mode": spec["mode"], "batch": b, "resolution": resolution,
+              "latent_shape": list(shape[1:]), "device": str(device)}
 
     def save_partial() -> None:
         if partial is not None:
@@ -1002,80 +1042,114 @@ def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
             tmp.write_text(json.dumps({"rows": rows, "environment": env, "skipped": skipped}, default=str), encoding="utf-8")
             os.replace(tmp, partial)
 
-    # one unmeasured run of the reference configuration first: the process's one-off allocations (library
-    # initialisation, kernel and primitive caches) then land in no rung, so the first rung is not penalised
-    if spec.get("process_warmup", True):
-        warm = dict(rungs[0][1], cache=False)
-        measure_rung(dict(spec, warmup=0, repeats=1), warm, pixel_batches, cached_batches)
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > float(deadline)
 
-    best: dict[str, Any] | None = None
-    ref: dict[str, Any] | None = None
-    opts: dict[str, Any] = {}
-    for name, change, what in rungs:
-        if deadline is not None and time.time() > float(deadline):
-            skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "variant": name, "reason": "not started: time budget spent"})
-            continue
-        trial = dict(opts, **change)
-        print(f"[train_throughput] ladder {spec['teacher']} / {spec['mode']} / {name}: {trial}", file=sys.stderr, flush=True)
+    def skip(name: str, reason: str) -> None:
+        skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "variant": name, "reason": reason})
+        save_partial()
+
+    def build(name: str, opts: dict[str, Any]) -> Config | None:
+        print(f"[train_throughput] ladder {spec['teacher']} / {spec['mode']} / {name}: {opts}", file=sys.stderr, flush=True)
         try:
-            m = measure_rung(spec, trial, pixel_batches, cached_batches)
+            return Config(spec, opts, pixel_batches, cached_batches)
         except Exception as exc:  # a rung this device or torch build cannot run is reported, not fatal
-            skipped.append({"teacher": spec["teacher"], "mode": spec["mode"], "variant": name,
-                            "reason": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"})
             print(f"[train_throughput]   {name} failed: {exc}", file=sys.stderr, flush=True)
             gc.collect()
-            save_partial()
+            skip(name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            return None
+
+    ref_name, ref_opts, ref_what = rungs[0]
+    best = build(ref_name, dict(ref_opts))
+    if best is None:
+        return {"rows": rows, "environment": env, "skipped": skipped}
+    ref_mem = best.peak_mem_mb
+    best_row: dict[str, Any] | None = None  # the reference row is written with its first pairing
+    best_vs_ref = 1.0
+    for name, change, what in rungs[1:]:
+        if out_of_time():
+            skip(name, "not started: time budget spent")
             continue
-        row = {"teacher": spec["teacher"], "mode": spec["mode"], "variant": name, "change": what, "batch": b,
-               "resolution": resolution, "latent_shape": list(shape[1:]), "device": str(device),
-               "options": trial, **m}
-        if ref is None:
-            ref, best, opts = row, row, trial
-            row["kept"] = True
-            row["speedup_over_previous"] = 1.0
-            row["mem_over_previous"] = 1.0
-        else:
-            row["speedup_over_previous"] = best["sec_per_step_median"] / row["sec_per_step_median"]
-            row["mem_over_previous"] = _ratio(row["peak_mem_mb"], best["peak_mem_mb"])
-            row["kept"] = keep_rung(row["speedup_over_previous"], row["mem_over_previous"])
-            if row["kept"]:
-                best, opts = row, trial
-        row["speedup_vs_reference"] = ref["sec_per_step_median"] / row["sec_per_step_median"]
-        row["mem_vs_reference"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"])
+        trial = build(name, dict(best.opts, **change))
+        if trial is None:
+            continue
+        tb, tt = paired_times(best, trial, rounds)
+        if best_row is None:
+            best_row = dict(common, variant=ref_name, change=ref_what, options=best.opts, kept=True,
+                            speedup_over_previous=1.0, mem_over_previous=1.0, speedup_vs_reference=1.0, mem_vs_reference=1.0,
+                            **_row_fields(best, tb, b))
+            rows.append(best_row)
+        ratio = statistics.median(tb) / statistics.median(tt)
+        mem_ratio = _ratio(trial.peak_mem_mb, best.peak_mem_mb)
+        kept = keep_rung(ratio, mem_ratio)
+        row = dict(common, variant=name, change=what, options=trial.opts, kept=kept, speedup_over_previous=ratio,
+                   mem_over_previous=mem_ratio, speedup_vs_reference=best_vs_ref * ratio,
+                   mem_vs_reference=_ratio(trial.peak_mem_mb, ref_mem), paired_with_sec_per_step_median=statistics.median(tb),
+                   **_row_fields(trial, tt, b))
         rows.append(row)
-        print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step ({row['speedup_over_previous']:.3f}x the best so far, "
-              f"{row['speedup_vs_reference']:.3f}x reference), peak {row['peak_mem_mb']:.0f} MiB "
-              f"({row['mem_vs_reference']:.3f}x reference); {'kept' if row['kept'] else 'dropped'}", file=sys.stderr, flush=True)
+        print(f"[train_throughput]   {row['sec_per_step_median']:.4f} s/step against {statistics.median(tb):.4f} interleaved: "
+              f"{ratio:.3f}x the best so far ({row['speedup_vs_reference']:.3f}x reference), peak {row['peak_mem_mb']:.0f} MiB "
+              f"({row['mem_vs_reference']:.3f}x reference); {'kept' if kept else 'dropped'}", file=sys.stderr, flush=True)
+        if kept:
+            best.close()
+            best, best_vs_ref = trial, best_vs_ref * ratio
+        else:
+            trial.close()
         save_partial()
-    if best is not None:
-        for row in rows:
-            row["optimised"] = row is best
+    # the optimised configuration against a fresh reference, interleaved: the headline ratio
+    if rows and not out_of_time() and any(r["kept"] for r in rows[1:]):
+        ref = build(ref_name + " (again)", dict(ref_opts))
+        if ref is not None:
+            tr, to = paired_times(ref, best, rounds)
+            final = dict(common, variant="optimised", change="every kept change, timed interleaved with a fresh reference",
+                         options=best.opts, kept=True, speedup_over_previous=None, mem_over_previous=None,
+                         speedup_vs_reference=statistics.median(tr) / statistics.median(to),
+                         mem_vs_reference=_ratio(best.peak_mem_mb, ref.peak_mem_mb),
+                         paired_with_sec_per_step_median=statistics.median(tr),
+                         reference_peak_mem_mb=round(ref.peak_mem_mb, 2), **_row_fields(best, to, b))
+            rows.append(final)
+            print(f"[train_throughput] optimised {final['sec_per_step_median']:.4f} s/step against the reference's "
+                  f"{statistics.median(tr):.4f} interleaved: {final['speedup_vs_reference']:.3f}x; peak memory "
+                  f"{final['mem_vs_reference']:.3f}x", file=sys.stderr, flush=True)
+            ref.close()
+    elif rows:  # nothing was kept: the reference is the optimised configuration
+        rows[0]["note"] = "no change was kept: the reference is the fastest configuration measured"
+    best.close()
+    save_partial()
     return {"rows": rows, "environment": env, "skipped": skipped}
 
 
-LADDER_MD_COLUMNS = ["teacher", "mode", "variant", "kept", "optimised", "batch", "resolution", "sec_per_step_median",
-                     "samples_per_s", "speedup_over_previous", "speedup_vs_reference", "peak_mem_mb", "mem_over_previous",
-                     "mem_vs_reference", "prime_s", "device"]
+LADDER_MD_COLUMNS = ["teacher", "mode", "variant", "kept", "batch", "resolution", "sec_per_step_median",
+                     "paired_with_sec_per_step_median", "samples_per_s", "speedup_over_previous", "speedup_vs_reference",
+                     "weights_mb", "step_mem_mb", "peak_mem_mb", "mem_over_previous", "mem_vs_reference", "prime_s", "device"]
 
 
 def ladder_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per teacher x mode: the optimised step against the reference (same process), and what it kept."""
+    """Per teacher x mode: the optimised configuration against the reference, timed interleaved (the
+    ``optimised`` row), and which changes it kept."""
     out = []
     for key in dict.fromkeys((r["teacher"], r["mode"]) for r in rows):
         group = [r for r in rows if (r["teacher"], r["mode"]) == key]
         ref = next((r for r in group if r["variant"] == "reference"), None)
-        best = next((r for r in group if r.get("optimised")), None)
-        if ref is None or best is None:
+        best = next((r for r in group if r["variant"] == "optimised"), None)
+        if ref is None:
             continue
-        out.append({
+        rungs = [r for r in group if r["variant"] not in ("reference", "optimised")]
+        entry = {
             "teacher": key[0], "mode": key[1], "batch": ref["batch"], "resolution": ref["resolution"],
-            "reference_samples_per_s": ref["samples_per_s"], "optimised_samples_per_s": best["samples_per_s"],
-            "speedup": ref["sec_per_step_median"] / best["sec_per_step_median"],
-            "reference_peak_mem_mb": ref["peak_mem_mb"], "optimised_peak_mem_mb": best["peak_mem_mb"],
-            "mem_ratio": _ratio(best["peak_mem_mb"], ref["peak_mem_mb"]),
-            "kept": ", ".join(r["variant"] for r in group if r.get("kept") and r["variant"] != "reference") or "(none)",
-            "dropped": ", ".join(r["variant"] for r in group if not r.get("kept")) or "(none)",
-        })
+            "kept": ", ".join(r["variant"] for r in rungs if r["kept"]) or "(none)",
+            "dropped": ", ".join(r["variant"] for r in rungs if not r["kept"]) or "(none)",
+        }
+        if best is None:  # nothing kept: the reference is the optimised configuration
+            entry.update(reference_samples_per_s=ref["samples_per_s"], optimised_samples_per_s=ref["samples_per_s"],
+                         speedup=1.0, reference_peak_mem_mb=ref["peak_mem_mb"], optimised_peak_mem_mb=ref["peak_mem_mb"],
+                         mem_ratio=1.0)
+        else:
+            entry.update(reference_samples_per_s=ref["batch"] / best["paired_with_sec_per_step_median"],
+                         optimised_samples_per_s=best["samples_per_s"], speedup=best["speedup_vs_reference"],
+                         reference_peak_mem_mb=best["reference_peak_mem_mb"], optimised_peak_mem_mb=best["peak_mem_mb"],
+                         mem_ratio=best["mem_vs_reference"])
+        out.append(entry)
     return out
 
 
@@ -1085,12 +1159,15 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
     p = result["protocol"]
     lines = [
         *_header(p, "LCD training step: the reference step against the optimised step"),
-        "Every row of one teacher x mode ran in the same process, one after the other. `reference` is the step of "
-        "diffusers' example LCD scripts: uncached VAE and text encoding of every batch, the teacher's uncond and cond "
-        "passes as two forwards, every network in float32, torch's default AdamW. Each further row adds one change to "
-        f"the best configuration so far and keeps it when it is >= {KEEP_SPEEDUP}x faster than that configuration, "
-        f"or costs <= {round((1 - KEEP_SLOWDOWN) * 100)}% speed and saves >= {round((1 - KEEP_MEMORY) * 100)}% peak memory; "
-        "`optimised` marks the configuration all kept changes make. "
+        "Every row of one teacher x mode ran in the same process. `reference` is the step of diffusers' example LCD "
+        "scripts: uncached VAE and text encoding of every batch, the teacher's uncond and cond passes as two forwards, "
+        "every network in float32, torch's default AdamW, the EMA target updated parameter by parameter. Each further "
+        "row builds the best configuration so far plus one change and times the two interleaved (A B, B A, ...), so "
+        "`speedup_over_previous` is a side-by-side ratio; the change is kept when it is "
+        f">= {KEEP_SPEEDUP}x faster, or saves >= {round((1 - KEEP_MEMORY) * 100)}% peak memory for at most "
+        f"{round((1 - KEEP_SLOWDOWN) * 100)}% of the speed. `speedup_vs_reference` of a rung chains the kept ratios; the "
+        "`optimised` row is every kept change timed interleaved with a freshly built reference (the summary's figures). "
+        "Peak memory = the configuration's weights (measured over its build) + its step's peak (measured alone). "
         f"One step = {p['step']}. Timing: {p['timing']}. Memory: {p['memory_definition']} ({p['memory']}).",
         "",
         "## Optimised against reference",
@@ -1126,7 +1203,7 @@ def plot_ladder(result: dict[str, Any], path: Path) -> Path | None:
     for (teacher, mode), (ax_s, ax_m) in zip(groups, axes):
         rows = [r for r in result["rows"] if (r["teacher"], r["mode"]) == (teacher, mode)]
         names = [r["variant"] for r in rows]
-        colours = ["tab:green" if r.get("optimised") else ("tab:blue" if r.get("kept") else "tab:gray") for r in rows]
+        colours = ["tab:green" if r["variant"] == "optimised" else ("tab:blue" if r.get("kept") else "tab:gray") for r in rows]
         ax_s.barh(names, [r["speedup_vs_reference"] for r in rows], color=colours)
         ax_s.axvline(1.0, color="k", lw=0.8)
         ax_s.invert_yaxis()
@@ -1616,13 +1693,13 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                 "rungs": {n: {"change": c, "what": w} for n, c, w in LADDER if n in rungs},
                 "keep_rule": {"speedup_at_least": KEEP_SPEEDUP, "or_memory_at_most": KEEP_MEMORY, "with_speedup_at_least": KEEP_SLOWDOWN},
                 "step": "optimizer.zero_grad(set_to_none) + LCD.train_step + loss.backward + AdamW.step + LCD.after_optimizer_step",
-                "timing": "median seconds/step over the timed steps after the warm-up steps (each rung first runs "
-                          f"{args.prime} unmeasured priming step(s): first-use allocations and, under compile, the compilation); "
-                          "samples/s = batch / median",
+                "timing": "each configuration runs {prime} unmeasured priming step(s) (first-use allocations; under compile, "
+                          "the compilation) and its warm-up steps, then its timed steps interleaved with the configuration it "
+                          "is compared with; median seconds/step; samples/s = batch / median".replace("{prime}", str(args.prime)),
                 "memory": rows[0]["mem_method"] if rows else "n/a",
-                "memory_definition": "peak_mem_mb = peak over the rung's warm-up + timed steps minus the process memory before "
-                                     "the rung's networks were built (weights in their dtype + the step's activations, "
-                                     "gradients and optimizer state)",
+                "memory_definition": "peak_mem_mb = weights_mb (the process memory the configuration's build added: its "
+                                     "networks in their dtypes) + step_mem_mb (the peak over its warm-up steps, run alone, "
+                                     "minus the memory before them: activations, gradients, optimizer state)",
                 "budget_s": args.budget_s,
                 "lora_rank": args.lora_rank,
                 "teachers": {k: v for k, v in teacher_notes.items() if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},

@@ -365,6 +365,7 @@ def test_dry_run_runs_every_step_on_cpu(bundle, tmp_path):
         data = json.loads((results / f"{name}.json").read_text())
         assert data["rows"] and not data.get("errors"), name
     train = json.loads((results / "train_throughput.json").read_text())
-    assert [r["variant"] for r in train["rows"]] == ["reference", "cache", "batched_cfg", "fused_adamw", "bf16_teacher",
-                                                     "channels_last", "compile", "bf16_autocast"]
+    names = [r["variant"] for r in train["rows"]]
+    assert names[:8] == ["reference", "cache", "batched_cfg", "fused_adamw", "bf16_teacher", "channels_last", "compile",
+                         "bf16_autocast"] and names[8:] in ([], ["optimised"])
     assert train["summary"] and train["skipped"] == []
