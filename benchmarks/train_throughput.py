@@ -1070,6 +1070,9 @@ def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
         if out_of_time():
             skip(name, "not started: time budget spent")
             continue
+        if name == "foreach_ema" and spec["mode"] == "lora":
+            skip(name, "not applicable: LoRA mode has no EMA target")
+            continue
         trial = build(name, dict(best.opts, **change))
         if trial is None:
             continue
