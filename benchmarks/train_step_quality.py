@@ -44,17 +44,26 @@ OPTIMISED = ("data.latent_cache=true", "teacher.dtype=bfloat16", "train.compile=
 COMMON = ("train.log_with=tensorboard", "train.progress=false", "train.log_every=10")
 
 
+#: written beside a run's metrics: how long its training took and the command that trained it
+TIMING_FILE = "train_step_quality_timing.json"
+
+
 def run_training(recipe: str, run_dir: Path, overrides: list[str], reuse: bool) -> dict[str, Any]:
-    """``fastgen train RECIPE output_dir=RUN_DIR ...`` in a subprocess; returns its wall time (or the reuse)."""
+    """``fastgen train RECIPE output_dir=RUN_DIR ...`` in a subprocess; returns its wall time and command (with
+    ``reuse`` and a finished run: what the run recorded when it was trained)."""
     if reuse and (run_dir / "metrics.jsonl").is_file():
-        return {"wall_s": None, "reused": True}
+        timing = run_dir / TIMING_FILE
+        recorded = json.loads(timing.read_text(encoding="utf-8")) if timing.is_file() else {"wall_s": None}
+        return {**recorded, "reused": True}
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"error: {run_dir} exists and is not empty; move it aside or pass --reuse to read a finished run")
     cmd = [sys.executable, "-m", "fastgen.cli", "train", recipe, f"output_dir={run_dir}", *COMMON, *overrides]
     print("[train_step_quality] " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
-    return {"wall_s": round(time.time() - t0, 1), "reused": False, "command": " ".join(shlex.quote(c) for c in cmd[2:])}
+    info = {"wall_s": round(time.time() - t0, 1), "command": " ".join(shlex.quote(c) for c in cmd[2:])}
+    (run_dir / TIMING_FILE).write_text(json.dumps(info), encoding="utf-8")
+    return {**info, "reused": False}
 
 
 def final_evaluation(run_dir: Path) -> dict[str, Any]:
@@ -132,10 +141,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"({'within' if c['within_10_percent'] else 'outside'} 10%). Loss curves (logged every 10 steps): mean absolute gap "
         f"of their 5-point running means {c['loss_running_mean_abs_gap']:.4g} at a mean level of "
         f"{c['loss_running_mean_level']:.4g}, over {c['loss_steps_compared']} logged steps (`{RESULT_NAME}.png`). "
-        "The optimised run reads latents from the cache instead of encoding each batch, so its batches' VAE rounding "
-        "and the random draws after the first step differ from the fp32 run's; the ratio includes that run-to-run noise.",
+        "The optimised run's latents come from the cache (encoded in the cache's batches, so they round slightly "
+        "differently) and its teacher runs in bf16, so the two runs' trajectories part from the first step on; the "
+        "ratio includes that run-to-run spread.",
         "",
-        f"Evaluation: the trainer's final evaluation ({result['runs']['fp32']['final']['samples']} samples, the canonical digits "
+        f"Evaluation: the trainer's final evaluation ({int(result['runs']['fp32']['final']['samples'])} samples, the canonical digits "
         "prompts, the `make bench` protocol). "
         "`median_samples_per_s_logged` is the trainer's own throughput log past step 50 (includes data loading, "
         "clipping and logging; `train_throughput.md` has the step alone, side by side).",
