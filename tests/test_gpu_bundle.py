@@ -312,8 +312,8 @@ def test_run_sh_schedule_fits_one_device_call(tmp_path):
     for step in ("sd15_speed", "clear_attention", "flux_clear_speed", "train_lcd"):
         assert "--device cuda" in cmds[step] and re.search(r"--budget-s \d+", cmds[step]), cmds[step]
     train = cmds["train_lcd"]
-    for flag in ("--teachers sd15-arch", "--sd15-latent 64", "--teacher-dtype bfloat16", "--autocast bf16",
-                 "--variants batched,separate", "--compile both"):
+    for flag in ("--study ladder", "--teachers sd15-arch", "--modes full", "--sd15-latent 64",
+                 "--rungs reference,cache,batched_cfg,fused_adamw,bf16_teacher,channels_last,compile,bf16_autocast"):
         assert flag in train, flag
     assert "--tiny" not in " ".join(cmds.values())
     # the README's device call: this script, the bundle carried, the tool's longest timeout
