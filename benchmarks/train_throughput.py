@@ -1162,6 +1162,9 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
     p = result["protocol"]
     lines = [
         *_header(p, "LCD training step: the reference step against the optimised step"),
+        *([f"Rows of other teacher x modes kept from earlier runs (`--append`): "
+           + "; ".join(f"`{c['command']}` ({c['date']})" for c in p["earlier_commands"]) + ".", ""]
+          if p.get("earlier_commands") else []),
         "Every row of one teacher x mode ran in the same process. `reference` is the step of diffusers' example LCD "
         "scripts: uncached VAE and text encoding of every batch, the teacher's uncond and cond passes as two forwards, "
         "every network in float32, torch's default AdamW, the EMA target updated parameter by parameter. Each further "
@@ -1448,6 +1451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(train_throughput_variants.*)")
     ap.add_argument("--no-freeze", action="store_true",
                     help="ladder: compile the frozen teacher without inductor's freezing (no folded weight copies)")
+    ap.add_argument("--append", action="store_true",
+                    help="ladder: keep the rows of an earlier train_throughput.json in --out for the teacher x modes "
+                         "this run does not measure")
     ap.add_argument("--rungs", default=None, help="ladder: comma list of rungs, starting with reference (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -1643,6 +1649,23 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _earlier_ladder(path: Path, teachers: list[str], modes: list[str], sd15_label: str):
+    """``(rows, skipped, commands)`` of an earlier ladder result at ``path`` outside this run's teacher x modes."""
+    if not path.is_file():
+        return [], [], []
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if earlier.get("protocol", {}).get("study") != "ladder":
+        return [], [], []
+    labels = {sd15_label if t == "sd15-arch" else t for t in teachers}
+
+    def other(r: dict[str, Any]) -> bool:
+        return not (r.get("teacher") in labels and r.get("mode") in modes)
+
+    p = earlier["protocol"]
+    return ([r for r in earlier["rows"] if other(r)], [s for s in earlier.get("skipped", []) if other(s)],
+            [*p.get("earlier_commands", []), {"command": p.get("command"), "date": p.get("date")}])
+
+
 def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--study ladder``: per teacher x mode, one worker process runs the reference step and every rung."""
     started = time.time()
@@ -1683,11 +1706,15 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
     env: dict[str, Any] | None = None
     failed = False
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # --append: keep the earlier ladder's rows of every teacher x mode this run does not measure
+    kept_rows, kept_skipped, earlier = _earlier_ladder(out / f"{RESULT_NAME}.json", teachers, modes, sd15_label) \
+        if args.append else ([], [], [])
 
     def write() -> None:
         result = {
             "protocol": {
                 "benchmark": RESULT_NAME, "study": "ladder", "quick": quick, "command": command,
+                "earlier_commands": earlier,
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - started, 1), "device": args.device,
                 "device_name": (env or {}).get("gpu") or (env or {}).get("cpu") or _cpu_name(),
                 **{k: (env or {}).get(k) for k in ("torch", "diffusers", "transformers", "triton", "python", "torch_threads",
@@ -1705,9 +1732,10 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                                      "minus the memory before them: activations, gradients, optimizer state)",
                 "budget_s": args.budget_s,
                 "lora_rank": args.lora_rank,
-                "teachers": {k: v for k, v in teacher_notes.items() if k in {r["teacher"] for r in rows} | {s["teacher"] for s in skipped}},
+                "teachers": {k: v for k, v in teacher_notes.items()
+                             if k in {r["teacher"] for r in kept_rows + rows} | {s["teacher"] for s in kept_skipped + skipped}},
             },
-            "rows": rows, "summary": ladder_summary(rows), "skipped": skipped,
+            "rows": kept_rows + rows, "summary": ladder_summary(kept_rows + rows), "skipped": kept_skipped + skipped,
         }
         from fastgen.io import atomic_write_json, atomic_write_text
 

@@ -309,3 +309,17 @@ def test_every_methods_step_traces_without_graph_breaks(recipe, tmp_path):
         torch._dynamo.reset()
     assert trainer.compiled and trainer.step == 2
     assert counts["graphs"] >= 2 and counts["graph_breaks"] == 0 and counts["recompiles"] == 0, counts
+
+
+def test_append_keeps_the_other_teachers_rows(bench, tmp_path):
+    """--append: an earlier ladder's rows of other teacher x modes are kept (with its command); rows of the
+    teacher x modes being measured again, and results of the other study, are not."""
+    path = tmp_path / "train_throughput.json"
+    rows = [{"teacher": "digits", "mode": "full", "variant": "reference"}, {"teacher": "sd15-arch", "mode": "lora", "variant": "reference"}]
+    path.write_text(json.dumps({"protocol": {"study": "ladder", "command": "python benchmarks/train_throughput.py --teachers digits",
+                                             "date": "d"}, "rows": rows, "skipped": [{"teacher": "digits", "mode": "lora"}]}))
+    kept, skipped, commands = bench._earlier_ladder(path, ["sd15-arch"], ["lora"], "sd15-arch")
+    assert kept == rows[:1] and skipped == [{"teacher": "digits", "mode": "lora"}]
+    assert commands == [{"command": "python benchmarks/train_throughput.py --teachers digits", "date": "d"}]
+    path.write_text(json.dumps({"protocol": {"study": "variants"}, "rows": rows}))
+    assert bench._earlier_ladder(path, ["sd15-arch"], ["lora"], "sd15-arch") == ([], [], [])
