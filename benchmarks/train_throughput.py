@@ -909,13 +909,14 @@ class Config:
         self.step = 0
         gc.collect()
         _malloc_trim()
-        before = _current_mb(self.device)
         t0 = time.perf_counter()
         self.method, self.info = ladder_method(spec, opts)
         self.optimizer = ladder_optimizer(self.method, opts.get("fused"))
         self.build_s = time.perf_counter() - t0
-        #: memory the configuration's networks hold (weights in their dtypes), measured over the build
-        self.weights_mb = max(_current_mb(self.device) - before, 0.0)
+        #: what the configuration's networks hold: every parameter and buffer in its dtype, each storage once
+        #: (counted, not read from the process: weights loaded from safetensors may sit in file-backed pages that
+        #: the resident-set size counts only once they are touched)
+        self.weights_mb = tensor_bytes(self.method) / 2**20
         torch.manual_seed(0)
         _sync(self.device)
         t0 = time.perf_counter()
@@ -962,13 +963,18 @@ class Config:
             torch.cuda.empty_cache()
 
 
-def _current_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    return (_status_kb("VmRSS") or 0) / 1024
+def tensor_bytes(module) -> int:
+    """Bytes of ``module``'s parameters and buffers, each underlying storage counted once (shared weights,
+    a LoRA student on the teacher's own UNet)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 def paired_times(a: Config, b: Config, rounds: int) -> tuple[list[float], list[float]]:
@@ -1173,7 +1179,7 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
         f">= {KEEP_SPEEDUP}x faster, or saves >= {round((1 - KEEP_MEMORY) * 100)}% peak memory for at most "
         f"{round((1 - KEEP_SLOWDOWN) * 100)}% of the speed. `speedup_vs_reference` of a rung chains the kept ratios; the "
         "`optimised` row is every kept change timed interleaved with a freshly built reference (the summary's figures). "
-        "Peak memory = the configuration's weights (measured over its build) + its step's peak (measured alone). "
+        "Peak memory = the configuration's weights (the bytes of its parameters and buffers) + its step's peak (measured alone). "
         f"One step = {p['step']}. Timing: {p['timing']}. Memory: {p['memory_definition']} ({p['memory']}).",
         "",
         "## Optimised against reference",
@@ -1727,9 +1733,10 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                           "the compilation) and its warm-up steps, then its timed steps interleaved with the configuration it "
                           "is compared with; median seconds/step; samples/s = batch / median".replace("{prime}", str(args.prime)),
                 "memory": rows[0]["mem_method"] if rows else "n/a",
-                "memory_definition": "peak_mem_mb = weights_mb (the process memory the configuration's build added: its "
-                                     "networks in their dtypes) + step_mem_mb (the peak over its warm-up steps, run alone, "
-                                     "minus the memory before them: activations, gradients, optimizer state)",
+                "memory_definition": "peak_mem_mb = weights_mb (the bytes of the configuration's parameters and buffers "
+                                     "in their dtypes, each storage once) + step_mem_mb (the peak over its warm-up steps, run "
+                                     "alone after the priming step, minus the memory before them: activations, gradients, "
+                                     "optimizer state)",
                 "budget_s": args.budget_s,
                 "lora_rank": args.lora_rank,
                 "teachers": {k: v for k, v in teacher_notes.items()
