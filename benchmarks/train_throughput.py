@@ -49,11 +49,10 @@ Configurations: teacher x mode x variant.
 * variants, run one after the other on the same LCD object:
   - ``batched``: the shipped step; ``Teacher.predict`` runs uncond and cond as ONE forward of
     batch 2B.
-  - ``separate``: the baseline without batched CFG. :func:`separate_cond_uncond` replaces
-    ``predict`` on this teacher *instance* (an instance attribute; the class is untouched and the
-    attribute is deleted afterwards) by a copy of its CFG branch that calls ``Teacher.forward``
-    twice, uncond (batch B) then cond (batch B); the guidance combination ``u + w (c - u)`` and
-    the x0/eps conversion are the same as in ``predict``.
+  - ``separate``: the baseline without batched CFG. :func:`separate_cond_uncond` sets the teacher's
+    ``cfg_forward`` to ``separate`` (``teacher.cfg_forward`` in a recipe): ``Teacher.predict`` calls
+    the network twice, uncond (batch B) then cond (batch B), with the same guidance combination
+    ``u + w (c - u)`` and x0/eps conversion.
   - ``cached``: the ``use_latent_cache`` path: the step's images and captions are first encoded
     by ``LCD.build_cache`` into an ``EmbeddingCache`` (VAE latents + text hidden states) and
     the batches come from that cache, so the step runs no VAE encode and no text encoder (the
@@ -178,34 +177,16 @@ def sd15_unet_config(sample_size: int = 16, mini: bool = False) -> dict[str, Any
 # =========================================================================== the measured pieces
 
 
-def _separate_predict(self, x_t, t, cond, uncond=None, guidance=1.0):
-    """``Teacher.predict`` with classifier-free guidance as TWO network calls (uncond, then cond).
-
-    Same result as the batched ``Teacher.predict``; only the CFG branch differs."""
-    from fastgen.models import Teacher
-
-    use_cfg = uncond is not None and not (isinstance(guidance, (int, float)) and float(guidance) == 1.0)
-    if not use_cfg:
-        return Teacher.predict(self, x_t, t, cond, uncond, guidance)
-    b = x_t.shape[0]
-    t = self._timesteps(t, b, x_t.device)
-    out_u = self.forward(x_t, t, uncond.expand(b))
-    out_c = self.forward(x_t, t, cond.expand(b))
-    return self.output_to_x0_eps(self.combine_guidance(out_u, out_c, guidance), x_t, t)
-
-
 @contextlib.contextmanager
 def separate_cond_uncond(teacher):
-    """Inside this block ``teacher.predict`` runs uncond and cond as two forwards (the no-batching baseline).
-
-    Patches this instance only (an instance attribute shadowing the class method), removed on exit."""
-    if "predict" in vars(teacher):
-        raise RuntimeError("teacher.predict is already patched on this instance")
-    teacher.predict = types.MethodType(_separate_predict, teacher)
+    """Inside this block the teacher runs classifier-free guidance as two forwards (uncond, then cond; its
+    ``cfg_forward = "separate"``, the no-batching baseline); the teacher's own setting is restored on exit."""
+    before = teacher.cfg_forward
+    teacher.cfg_forward = "separate"
     try:
         yield teacher
     finally:
-        del teacher.predict
+        teacher.cfg_forward = before
 
 
 class CallCounter:
@@ -834,18 +815,6 @@ def keep_rung(speedup: float, mem_ratio: float | None) -> bool:
     return mem_ratio is not None and speedup >= KEEP_SLOWDOWN and mem_ratio <= KEEP_MEMORY
 
 
-def torch_no_grad(fn):
-    """``torch.no_grad()`` around ``fn`` (torch is imported lazily in this module)."""
-
-    def wrapped(*args, **kwargs):
-        import torch
-
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 def ladder_method(spec: dict[str, Any], opts: dict[str, Any]):
     """A fresh LCD object for one rung (``opts``: the rung's options), on the spec's device, speed options applied."""
     import torch
@@ -878,7 +847,6 @@ def ladder_method(spec: dict[str, Any], opts: dict[str, Any]):
     return method, info
 
 
-@torch_no_grad
 def _update_target_per_parameter(nets, decay: float) -> None:
     """The example script's EMA update: ``target <- decay * target + (1 - decay) * student``, one parameter at a time."""
     for t, s in zip(nets.target.parameters(), nets.student.parameters()):
@@ -1388,7 +1356,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "median seconds/step over the timed steps after warm-up; samples/s = batch / median. "
         "`peak_mem_mb` = peak over the variant's steps minus the memory just before them "
         f"({p['memory']}). Variants: batched = one cond+uncond teacher forward (shipped); "
-        "separate = two teacher forwards (Teacher.predict patched on the instance); "
+        "separate = two teacher forwards (teacher.cfg_forward = separate); "
         "cached = batches from the LCD latent/text-embedding cache (no VAE encode, no text encoder). "
         "Variants of one teacher x mode ran side by side in one process.",
         "",
@@ -1847,8 +1815,8 @@ def write_results(out: Path, rows, skipped, env, args, quick, settings, teacher_
                              "just before them; peak_mem_total_mb = that absolute peak",
         "variants": {
             "batched": "shipped LCD step: Teacher.predict runs uncond+cond as one forward of batch 2B",
-            "separate": "Teacher.predict replaced on the teacher instance by a version calling Teacher.forward "
-                        "twice (uncond batch B, then cond batch B); same CFG combination and x0/eps conversion",
+            "separate": "teacher.cfg_forward = separate: Teacher.predict calls the network twice (uncond batch B, "
+                        "then cond batch B); same CFG combination and x0/eps conversion",
             "cached": "LCD.build_cache (the use_latent_cache path) encodes the step pool once; batches carry "
                       "latents + hidden states, so the step skips the VAE encode and the text encoder",
         },

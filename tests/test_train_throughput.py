@@ -101,7 +101,7 @@ def test_quick_run_counts_teacher_forwards(quick_run):
 
 def test_separate_baseline_with_own_hook(bench):
     """An independent forward hook on the teacher UNet: one call of 2B rows per step, vs two of B rows
-    inside separate_cond_uncond; both give the same teacher prediction; the patch is removed on exit."""
+    inside separate_cond_uncond; both give the same teacher prediction; the teacher's setting is restored on exit."""
     from fastgen.models import Teacher
     from fastgen.trainers.lcd import LCD
     from tiny_models import build_method
@@ -119,10 +119,10 @@ def test_separate_baseline_with_own_hook(bench):
         assert sizes == [2 * b]
         sizes.clear()
         with bench.separate_cond_uncond(teacher):
-            assert "predict" in vars(teacher)
+            assert teacher.cfg_forward == "separate"
             bench.train_iteration(m, opt, batch, 1)
         assert sizes == [b, b]
-        assert "predict" not in vars(teacher) and teacher.predict.__func__ is Teacher.predict
+        assert teacher.cfg_forward == "batched" and teacher.predict.__func__ is Teacher.predict
 
         x = torch.randn(b, *teacher.latent_shape(1, r, r)[1:])
         t = torch.tensor([999, 500, 20])
