@@ -1263,6 +1263,19 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     return 0
 
 
+def _build_sd15(folder: Path, label: str, latent: int, mini: bool, work: Path, modes: list[str],
+                deadline: float | None) -> list[dict[str, Any]]:
+    """Build the SD1.5-architecture pipeline in a worker; returns the skipped entries of ``modes`` if it failed."""
+    print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    rc, _ = _run_child({"job": "build_sd15", "folder": os.fspath(folder), "sample_size": latent, "mini": mini},
+                       work, f"build-{label}", deadline)
+    if rc != 0:
+        return [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+    print(f"[train_throughput]   built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return []
+
+
 def _run_job(job: dict[str, Any], work: Path, name: str, deadline: float | None,
              unit: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
     """One teacher x mode worker: ``(result or None, skipped entries to report, whether it failed)``; a worker
@@ -1534,20 +1547,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 label = sd15_label
                 folder = work / label
-                print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
-                t0 = time.perf_counter()
-                rc, _ = _run_child(
-                    {"job": "build_sd15", "folder": os.fspath(folder), "sample_size": args.sd15_latent, "mini": mini},
-                    work,
-                    f"build-{label}",
-                    deadline,
-                )
-                if rc != 0:
+                reported = _build_sd15(folder, label, args.sd15_latent, mini, work, modes, deadline)
+                if reported:
                     failed = True
-                    skipped += [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+                    skipped += reported
                     write()
                     continue
-                print(f"[train_throughput]   built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             s = settings[teacher]
             for mode in modes:
                 if out_of_time():
@@ -1730,12 +1735,10 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                 folder = resolve_model("digits-sd")
             else:
                 label, folder = sd15_label, work / sd15_label
-                print(f"[train_throughput] building the {label} pipeline in {folder}", file=sys.stderr, flush=True)
-                rc, _ = _run_child({"job": "build_sd15", "folder": os.fspath(folder), "sample_size": sd15_latent, "mini": mini},
-                                   work, f"build-{label}", deadline)
-                if rc != 0:
+                reported = _build_sd15(folder, label, sd15_latent, mini, work, modes, deadline)
+                if reported:
                     failed = True
-                    skipped += [{"teacher": label, "mode": m, "reason": "building the pipeline: " + _rc_reason(rc)} for m in modes]
+                    skipped += reported
                     write()
                     continue
             s = settings[teacher]
