@@ -193,15 +193,11 @@ class Method(torch.nn.Module):
         from diffusers.models.modeling_utils import ModelMixin
 
         found: dict[str, torch.nn.Module] = {}
-        seen: set[int] = set()
-        picked: list[str] = []
-        for name, module in self.named_modules():
-            if id(module) in seen or any(name.startswith(p + ".") for p in picked):
+        for name, module in self.named_modules():  # each module once, parents before their children
+            if any(name.startswith(p + ".") for p in found):
                 continue
-            seen.add(id(module))
             if isinstance(module, ModelMixin) and "autoencoder" not in type(module).__name__.lower():
                 found[name] = module
-                picked.append(name)
         return found
 
     def constant_networks(self) -> tuple[str, ...]:
