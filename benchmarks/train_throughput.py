@@ -13,8 +13,8 @@ cond passes as two forwards, every network in float32, torch's default AdamW), t
 time (latent cache, batched CFG, fused AdamW, bf16 teacher, channels-last, torch.compile, gradient
 checkpointing; bf16 autocast on GPUs) to the best configuration so far, keeping it where it holds
 (:func:`keep_rung`). Each rung is a fresh LCD object built in the same process after the previous one is
-freed, so its peak memory counts its own weights (from before the build) as well as the step; a first
-unmeasured run of the reference configuration takes the process's one-off allocations. Defaults: the
+freed; its peak memory is its weights (the bytes of its parameters and buffers), what its priming step left
+allocated (optimizer state, compiled graphs with their folded constants) and its step's peak. Defaults: the
 digits teacher at batch 32 and the SD1.5 architecture at 32x32 latents (256 px), batch 2. Writes
 ``<out>/train_throughput.{json,md,png}``.
 
@@ -887,11 +887,15 @@ class Config:
         self.weights_mb = tensor_bytes(self.method) / 2**20
         torch.manual_seed(0)
         _sync(self.device)
+        before = retained_memory_mb(self.device)
         t0 = time.perf_counter()
         for _ in range(int(spec.get("prime", 1))):  # first-use allocations; under compile, the compilation
             self.run_step()
         _sync(self.device)
         self.prime_s = time.perf_counter() - t0
+        #: what the first step(s) left allocated for good: the optimizer state, compiled graphs and the constants
+        #: they fold in (a frozen network's prepacked weights), caches of first use
+        self.retained_mb = max(retained_memory_mb(self.device) - before, 0.0)
         # the step's own memory, alone in its window: activations, gradients, optimizer state, temporaries
         window = MemoryWindow(self.device)
         window.start()
@@ -902,7 +906,7 @@ class Config:
 
     @property
     def peak_mem_mb(self) -> float:
-        return self.weights_mb + self.step_mb
+        return self.weights_mb + self.retained_mb + self.step_mb
 
     def run_step(self) -> float:
         loss = train_iteration(self.method, self.optimizer, self.batches[self.step % len(self.batches)], self.step, self.autocast)
@@ -929,6 +933,28 @@ class Config:
         _malloc_trim()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def retained_memory_mb(device) -> float:
+    """The memory the process holds in allocations of its own, in MiB, after a garbage collection: on CUDA the
+    allocated bytes; on CPU the anonymous resident set (``RssAnon``), which leaves out file-backed pages (weights
+    mapped from safetensors files, counted by :func:`tensor_bytes` instead) so that nothing is counted twice."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    _malloc_trim()
+    kb = _status_kb("RssAnon")
+    if kb is None:  # not Linux: the whole resident set
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            return 0.0
+    return kb / 1024
 
 
 def tensor_bytes(module) -> int:
@@ -962,7 +988,7 @@ def _row_fields(cfg: Config, times: list[float], batch: int) -> dict[str, Any]:
     return {
         "sec_per_step_median": median, "sec_per_step_min": min(times), "sec_per_step_all": [round(t, 6) for t in times],
         "samples_per_s": batch / median, "peak_mem_mb": round(cfg.peak_mem_mb, 2), "weights_mb": round(cfg.weights_mb, 2),
-        "step_mem_mb": round(cfg.step_mb, 2), "mem_method": cfg.mem_method, "build_s": round(cfg.build_s, 3),
+        "retained_mb": round(cfg.retained_mb, 2), "step_mem_mb": round(cfg.step_mb, 2), "mem_method": cfg.mem_method, "build_s": round(cfg.build_s, 3),
         "prime_s": round(cfg.prime_s, 3), "loss_last": cfg.losses[-1],
         **({"compile_counters": speed.compile_counters()} if cfg.opts.get("compile") else {}), **cfg.info,
     }
@@ -1098,7 +1124,7 @@ def run_ladder(spec: dict[str, Any], partial: Path | None = None) -> dict[str, A
 
 LADDER_MD_COLUMNS = ["teacher", "mode", "variant", "kept", "batch", "resolution", "sec_per_step_median",
                      "paired_with_sec_per_step_median", "samples_per_s", "speedup_over_previous", "speedup_vs_reference",
-                     "weights_mb", "step_mem_mb", "peak_mem_mb", "mem_over_previous", "mem_vs_reference", "prime_s", "device"]
+                     "weights_mb", "retained_mb", "step_mem_mb", "peak_mem_mb", "mem_over_previous", "mem_vs_reference", "prime_s", "device"]
 
 
 def ladder_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1147,7 +1173,7 @@ def render_ladder_markdown(result: dict[str, Any]) -> str:
         f">= {KEEP_SPEEDUP}x faster, or saves >= {round((1 - KEEP_MEMORY) * 100)}% peak memory for at most "
         f"{round((1 - KEEP_SLOWDOWN) * 100)}% of the speed. `speedup_vs_reference` of a rung chains the kept ratios; the "
         "`optimised` row is every kept change timed interleaved with a freshly built reference (the summary's figures). "
-        "Peak memory = the configuration's weights (the bytes of its parameters and buffers) + its step's peak (measured alone). "
+        "Peak memory = the configuration's weights (the bytes of its parameters and buffers) + what its first step left allocated (optimizer state, compiled graphs) + its step's peak (measured alone). "
         f"One step = {p['step']}. Timing: {p['timing']}. Memory: {p['memory_definition']} ({p['memory']}).",
         "",
         "## Optimised against reference",
@@ -1707,9 +1733,10 @@ def main_ladder(args: argparse.Namespace, argv: list[str] | None) -> int:
                           "is compared with; median seconds/step; samples/s = batch / median".replace("{prime}", str(args.prime)),
                 "memory": rows[0]["mem_method"] if rows else "n/a",
                 "memory_definition": "peak_mem_mb = weights_mb (the bytes of the configuration's parameters and buffers "
-                                     "in their dtypes, each storage once) + step_mem_mb (the peak over its warm-up steps, run "
-                                     "alone after the priming step, minus the memory before them: activations, gradients, "
-                                     "optimizer state)",
+                                     "in their dtypes, each storage once) + retained_mb (what the priming step(s) left allocated: "
+                                     "optimizer state, compiled graphs and their folded constants; anonymous resident set on "
+                                     "CPU, allocated bytes on CUDA) + step_mem_mb (the peak over its warm-up steps, run alone "
+                                     "after the priming step, minus the memory before them: activations, gradients, temporaries)",
                 "budget_s": args.budget_s,
                 "lora_rank": args.lora_rank,
                 "teachers": {k: v for k, v in teacher_notes.items()
