@@ -173,6 +173,31 @@ def test_window_covering_the_grid_reproduces_the_stock_transformer(grid):
         assert (small(**x)[0] - ref).abs().max() > 1e-4
 
 
+def test_compiled_forward_with_token_grid_is_one_graph_and_equals_eager():
+    """Under torch.compile the grid comes from token_grid (static ints) and the window mask is a graph constant:
+    fullgraph=True traces the whole forward (a graph break would raise), on a non-square grid whose token count
+    is also a square's (4 x 9 = 6 x 6), and the output equals the eager forward's (a wrong token_grid changes it).
+    Without token_grid the compiled forward still reads img_ids (with a break) and is right."""
+    clear = ClearFluxTransformer2DModel.from_flux(tiny_transformer(), radius=2, backend="reference").eval()
+    x = transformer_inputs(4, 9)
+    with torch.no_grad():
+        ref = clear(**x)[0]
+        torch._dynamo.reset()
+        try:
+            clear.token_grid = (4, 9)
+            whole = torch.compile(clear, backend="eager", fullgraph=True)
+            assert (whole(**x)[0] - ref).abs().max() < 1e-6
+            clear.token_grid = None
+            loose = torch.compile(clear, backend="eager")
+            assert (loose(**x)[0] - ref).abs().max() < 1e-6
+            torch._dynamo.reset()
+            clear.token_grid = (6, 6)  # a wrong grid of the same size: the compiled forward really reads token_grid
+            assert (torch.compile(clear, backend="eager", fullgraph=True)(**x)[0] - ref).abs().max() > 1e-4
+            clear.token_grid = None
+        finally:
+            torch._dynamo.reset()
+
+
 def test_grid_from_img_ids_and_errors():
     assert grid_from_img_ids(image_ids(3, 5)) == (3, 5)
     assert grid_from_img_ids(image_ids(3, 5)[None]) == (3, 5)
@@ -336,6 +361,7 @@ def test_student_matches_teacher_conventions_and_loss_parts(flux_folder, tmp_pat
     # nothing stays recorded after the step
     procs = [net.attn_processors[n] for net in (m.student, m.teacher.net) for n in m.aligned]
     assert procs and all(p.last_output is None and not p.record for p in procs)
+    assert m.student.token_grid is None  # the teacher wrapper sets the grid hint around each call only
     # the scheduler's (static, shift 1) sigmas are U(0, 1]
     s = m.teacher.schedule.training_sigma(1.0 - torch.rand(4000))
     assert 0.0 < float(s.min()) and float(s.max()) <= 1.0 and abs(float(s.mean()) - 0.5) < 0.03

@@ -283,10 +283,11 @@ def test_reference_rung_runs_the_example_step(bench):
     assert calls["batched"]["teacher_unet_rows_per_call"] == [4]
 
 
-#: digits recipes whose step networks trace without a graph break (CLEAR's attention processor reads the token
-#: grid from the values of img_ids and guards its mask cache with a lock: 21 breaks, not in this list)
+#: every digits recipe's step networks trace without a graph break (CLEAR: the token grid comes as static ints,
+#: ClearFluxTransformer2DModel.token_grid, and the window mask is a constant of the graph)
 NO_BREAK_RECIPES = {
     "lcd-lora-digits": [], "lcd-flux-digits": [], "boot-digits": [], "dmd-digits": [], "rg-lcd-digits-direct": [],
+    "clear-digits": ["data.num_samples=4", "data.teacher_steps=2"],
     "scott-digits": ["scott.adv_start_step=1"],
     "disback-digits": ["disback.path_nodes=1", "disback.degradation_steps=1", "disback.interval=1"],
 }

@@ -132,6 +132,8 @@ _DENSE_MASK_CACHE_SIZE = 4  # N * N_kv bytes each: keep only a few
 
 
 def _dense_mask_cached(height, width, text_len, radius, down_factor, device):
+    if torch.compiler.is_compiling():  # a constant of the graph: no cache, no lock
+        return dense_clear_mask(height, width, text_len, radius, down_factor, device=device)
     key = (height, width, text_len, radius, down_factor, str(device))
     with _LOCK:
         if key in _DENSE_MASKS:

@@ -178,7 +178,7 @@ class _FluxJointAttnProcessor(torch.nn.Module):
         self.record = bool(record)
         self.last_output: torch.Tensor | None = None
 
-    def attend(self, q, k, v, text_len):  # pragma: no cover - abstract
+    def attend(self, q, k, v, text_len, grid=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def pop_output(self) -> torch.Tensor | None:
@@ -202,6 +202,7 @@ class _FluxJointAttnProcessor(torch.nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        clear_grid: ClearGrid | None = None,
     ):
         if attention_mask is not None:
             raise ConfigError(
@@ -232,7 +233,7 @@ class _FluxJointAttnProcessor(torch.nn.Module):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         # [B, N, heads, D] -> [B, heads, N, D] for the kernel, back afterwards
-        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len)
+        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len, clear_grid)
         hidden = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if self.record:
             self.last_output = hidden
@@ -251,7 +252,7 @@ class RecordingFluxAttnProcessor(_FluxJointAttnProcessor):
     """The stock Flux attention (full softmax attention, ``F.scaled_dot_product_attention``) that can
     record its output (``record=True`` -> ``last_output``). Used for the teacher of CLEAR distillation."""
 
-    def attend(self, q, k, v, text_len):
+    def attend(self, q, k, v, text_len, grid=None):
         return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -298,9 +299,11 @@ class ClearFluxAttnProcessor(_FluxJointAttnProcessor):
     def extra_repr(self) -> str:
         return f"radius={self.radius}, down_factor={self.down_factor}, backend={self.backend!r}"
 
-    def resolve_grid(self, num_tokens: int, text_len: int | None) -> tuple[int, int, int]:
-        """``(height, width, text_len)`` of a joint sequence of ``num_tokens`` tokens."""
-        ctx = current_clear_grid()
+    def resolve_grid(self, num_tokens: int, text_len: int | None, grid: ClearGrid | None = None) -> tuple[int, int, int]:
+        """``(height, width, text_len)`` of a joint sequence of ``num_tokens`` tokens: from ``grid`` (what
+        :class:`ClearFluxTransformer2DModel` passes each processor), else the published grid, else the
+        processor's own ``grid`` / ``text_len``, else a square."""
+        ctx = grid if grid is not None else current_clear_grid()
         if text_len is None:
             text_len = ctx.text_len if ctx is not None and ctx.text_len is not None else self.text_len
         if text_len is None:
@@ -332,8 +335,8 @@ class ClearFluxAttnProcessor(_FluxJointAttnProcessor):
             )
         return side, side, int(text_len)
 
-    def attend(self, q, k, v, text_len):
-        height, width, text_len = self.resolve_grid(q.shape[2], text_len)
+    def attend(self, q, k, v, text_len, grid=None):
+        height, width, text_len = self.resolve_grid(q.shape[2], text_len, grid)
         return clear_attention(
             q, k, v,
             height=height, width=width, text_len=text_len, radius=self.radius, down_factor=self.down_factor,
@@ -552,6 +555,13 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
                 proc.backend = backend
         self.register_to_config(clear_backend=backend)
 
+    #: The packed latent grid ``(height, width)`` of the current call, read by a forward under ``torch.compile``
+    #: (see :meth:`forward`); ``None``: read from ``img_ids``. Eager forwards always read ``img_ids``.
+    token_grid: tuple[int, int] | None = None
+
+    def _all_clear_processors(self) -> bool:
+        return all(isinstance(p, _FluxJointAttnProcessor) for p in self.attn_processors.values())
+
     def clear_processors(self) -> dict[str, ClearFluxAttnProcessor]:
         """Processor name -> CLEAR processor (diffusers' order, double-stream blocks first)."""
         return {n: p for n, p in self.attn_processors.items() if isinstance(p, ClearFluxAttnProcessor)}
@@ -571,12 +581,26 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
         return_dict: bool = True,
         controlnet_blocks_repeat: bool = False,
     ):
-        """``FluxTransformer2DModel.forward`` with the token grid published from ``img_ids``."""
+        """``FluxTransformer2DModel.forward`` with the token grid read from ``img_ids`` and handed to every
+        CLEAR processor (as its ``clear_grid`` keyword).
+
+        Under ``torch.compile`` the values of ``img_ids`` cannot be read without breaking the graph: when
+        :attr:`token_grid` holds the grid of these tokens (fastgen's teacher wrapper sets it around each of
+        its calls), the compiled forward uses it; otherwise it reads ``img_ids`` (a graph break, still correct)."""
         if img_ids is None:
             raise ConfigError("ClearFluxTransformer2DModel needs img_ids (the image token positions) to find the grid")
-        height, width = grid_from_img_ids(img_ids, hidden_states.shape[1])
+        n = hidden_states.shape[1]
+        grid_hint = self.token_grid
+        if torch.compiler.is_compiling() and grid_hint is not None and grid_hint[0] * grid_hint[1] == n:
+            height, width = grid_hint
+        else:
+            height, width = grid_from_img_ids(img_ids, n)
         text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
-        with clear_grid(height, width, text_len):
+        grid = ClearGrid(int(height), int(width), text_len)
+        if self._all_clear_processors():
+            joint_attention_kwargs = {**(joint_attention_kwargs or {}), "clear_grid": grid}
+        context = contextlib.nullcontext() if torch.compiler.is_compiling() else clear_grid(height, width, text_len)
+        with context:
             return super().forward(
                 hidden_states,
                 encoder_hidden_states=encoder_hidden_states,

@@ -728,16 +728,23 @@ class Teacher(torch.nn.Module):
                 guidance = guidance.expand(b) if guidance.ndim == 0 else guidance.reshape(b)
             txt_ids = embeds.extra.get("txt_ids")
             txt_ids = txt_ids[0] if txt_ids is not None else torch.zeros(embeds.hidden.shape[1], 3, device=device)
-            tokens = net(
-                hidden_states=pack_latents(x),
-                timestep=(self.schedule.model_timestep(t) / 1000.0).to(dtype),
-                guidance=guidance,
-                pooled_projections=embeds.pooled,
-                encoder_hidden_states=embeds.hidden,
-                txt_ids=txt_ids.to(dtype),
-                img_ids=latent_image_ids(h, w, device, dtype),
-                return_dict=False,
-            )[0]
+            grid_hint = hasattr(net, "token_grid")  # a CLEAR transformer: its token grid as static ints (torch.compile)
+            if grid_hint:
+                net.token_grid = (int(h) // 2, int(w) // 2)
+            try:
+                tokens = net(
+                    hidden_states=pack_latents(x),
+                    timestep=(self.schedule.model_timestep(t) / 1000.0).to(dtype),
+                    guidance=guidance,
+                    pooled_projections=embeds.pooled,
+                    encoder_hidden_states=embeds.hidden,
+                    txt_ids=txt_ids.to(dtype),
+                    img_ids=latent_image_ids(h, w, device, dtype),
+                    return_dict=False,
+                )[0]
+            finally:
+                if grid_hint:
+                    net.token_grid = None
             out = unpack_latents(tokens, h, w)
 
         elif fam == "sd3":
