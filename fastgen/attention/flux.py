@@ -581,8 +581,8 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
         return_dict: bool = True,
         controlnet_blocks_repeat: bool = False,
     ):
-        """``FluxTransformer2DModel.forward`` with the token grid read from ``img_ids`` and handed to every
-        CLEAR processor (as its ``clear_grid`` keyword).
+        """``FluxTransformer2DModel.forward`` with the token grid read from ``img_ids`` and published to the CLEAR
+        processors (compiled: handed to each as its ``clear_grid`` keyword).
 
         Under ``torch.compile`` the values of ``img_ids`` cannot be read without breaking the graph: when
         :attr:`token_grid` holds the grid of these tokens (fastgen's teacher wrapper sets it around each of
@@ -596,10 +596,12 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
         else:
             height, width = grid_from_img_ids(img_ids, n)
         text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
-        grid = ClearGrid(int(height), int(width), text_len)
-        if self._all_clear_processors():
-            joint_attention_kwargs = {**(joint_attention_kwargs or {}), "clear_grid": grid}
-        context = contextlib.nullcontext() if torch.compiler.is_compiling() else clear_grid(height, width, text_len)
+        if torch.compiler.is_compiling():  # no context variable in a graph: each processor gets the grid as a keyword
+            if self._all_clear_processors():
+                joint_attention_kwargs = {**(joint_attention_kwargs or {}), "clear_grid": ClearGrid(int(height), int(width), text_len)}
+            context = contextlib.nullcontext()
+        else:
+            context = clear_grid(height, width, text_len)
         with context:
             return super().forward(
                 hidden_states,
