@@ -69,6 +69,7 @@ from fastgen.attention import (  # noqa: E402
     clear_block_mask,
     executed_block_fraction,
     flop_fraction,
+    normalize_radius,
     triton_executed_fraction,
 )
 from fastgen.evaluation.reports import markdown_table  # noqa: E402
@@ -138,7 +139,7 @@ def parse_args(argv=None):
         args.heads, args.dim = (args.heads if gpu else 1), (args.dim if gpu else 32)
         args.repeats, args.warmup = 2, 0
     args.grid_list = sorted({int(g) for g in args.grids.split(",") if g.strip()})
-    args.radius_list = [int(r) for r in args.radii.split(",") if r.strip()]
+    args.radius_list = [normalize_radius(float(r)) for r in args.radii.split(",") if r.strip()]
     return args
 
 

@@ -67,8 +67,10 @@ def run_config(run_dir: Path) -> dict:
     return config
 
 
-def radius_of(run_dir: Path) -> int:
-    return int(run_config(run_dir)["clear"]["radius"])
+def radius_of(run_dir: Path) -> int | float:
+    from fastgen.attention.mask import normalize_radius
+
+    return normalize_radius(run_config(run_dir)["clear"]["radius"])
 
 
 def plot(points: list[dict], teacher: dict, path: Path) -> None:

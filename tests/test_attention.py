@@ -21,10 +21,13 @@ from fastgen.attention import (
     dense_clear_mask,
     executed_block_fraction,
     flop_fraction,
+    normalize_radius,
     permute_tokens,
     pool_kv,
+    radius_bound,
     tile_permutation,
     triton_executed_fraction,
+    window_extent,
     unpermute_tokens,
     window_count,
 )
@@ -100,6 +103,9 @@ GRIDS = [
     (7, 5, 3, 4, 1),
     (4, 6, 3, 2, 2),
     (6, 6, 0, 3, 3),
+    (5, 7, 3, 2.2, 1),  # non-integer radii: windows between the integer ones
+    (7, 5, 0, 1.5, 1),
+    (6, 6, 2, 2.9, 2),
 ]
 
 
@@ -118,9 +124,21 @@ def test_predicate_matches_bruteforce(height, width, text_len, radius, f):
 
 def test_window_count():
     assert [window_count(r) for r in (8, 16, 32)] == [193, 793, 3205]
-    for r in range(1, 7):
-        brute = sum(1 for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy * dy + dx * dx < r * r)
-        assert window_count(r) == brute
+    assert [window_count(r) for r in (2, 2.2, 2.25, 3)] == [9, 13, 21, 25]
+    for r in [*range(1, 7), 1.01, 1.5, 2.2, 2.24, 2.237, 3.5, 4.99, 7.3]:
+        e = math.ceil(r)
+        brute = sum(1 for dy in range(-e, e + 1) for dx in range(-e, e + 1) if dy * dy + dx * dx < r * r)
+        assert window_count(r) == brute, r
+        assert radius_bound(r) == min(d for d in range(1, 100) if d >= r * r)
+        assert window_extent(r) == max(dy for dy in range(e + 1) if dy * dy < r * r)
+
+
+def test_radius_normalisation():
+    assert normalize_radius(2.0) == 2 and type(normalize_radius(2.0)) is int
+    assert normalize_radius(2.2) == 2.2 and normalize_radius(3) == 3
+    for bad in (0.5, 0, -2, float("nan"), float("inf"), "2", True, None):
+        with pytest.raises(ConfigError, match="radius"):
+            normalize_radius(bad)
 
 
 @pytest.mark.parametrize("height,width,text_len,radius,f", GRIDS + [(8, 8, 4, 8, 2)])
@@ -149,7 +167,8 @@ def _dense_occupancy(mask, block):
     return pad.view(bq, block, bk, block).any(dim=3).any(dim=1)
 
 
-@pytest.mark.parametrize("height,width,text_len,radius,f", [(5, 7, 3, 2, 1), (7, 5, 0, 1, 1), (6, 10, 4, 3, 2), (9, 11, 5, 4, 1)])
+@pytest.mark.parametrize("height,width,text_len,radius,f", [(5, 7, 3, 2, 1), (7, 5, 0, 1, 1), (6, 10, 4, 3, 2), (9, 11, 5, 4, 1),
+                                                          (9, 11, 5, 2.2, 1)])
 @pytest.mark.parametrize("block", [4, 16])
 def test_block_occupancy_matches_dense(height, width, text_len, radius, f, block):
     m = dense_clear_mask(height, width, text_len, radius, f)
@@ -318,6 +337,8 @@ TRITON_CASES = [
     (6, 10, 0, 4, 2, 32, 16, None),  # pooled, no text
     (4, 40, 3, 3, 1, 16, 16, True),  # rows longer than a query block: bounding-box skipping
     (12, 12, 20, 4, 1, 16, 16, None),  # several text tiles, text/image boundary inside a tile
+    (8, 8, 4, 2.2, 1, 16, 16, True),  # non-integer radius: a 13-key window, band of 2 rows either side
+    (4, 40, 3, 2.5, 2, 16, 16, True),  # non-integer radius with pooled tokens and bounding-box skipping
 ]
 
 
@@ -364,6 +385,8 @@ def test_triton_bf16_is_upcast_in_the_interpreter(interpret):
     (9, 11, 5, 3, (16, 16), True),
     (4, 40, 0, 4, (16, 32), True),
     (6, 64, 7, 5, (32, 16), True),
+    (9, 11, 5, 2.2, (16, 16), True),
+    (6, 64, 7, 3.7, (32, 16), True),
 ])
 def test_triton_schedule_covers_every_allowed_key(height, width, text_len, radius, block, skip):
     """The Python replica of the kernel's KV loop never skips an allowed (query, key) pair."""

@@ -226,6 +226,25 @@ def test_save_load_keeps_config_and_spatial_weights(tmp_path):
     assert all(torch.equal(dict(loaded.named_parameters())[n], p) for n, p in weights.items())
 
 
+def test_non_integer_radius_saves_loads_and_masks_between_the_integer_windows(tmp_path):
+    stock = tiny_transformer()
+    x = transformer_inputs(5, 5)
+    outs = {}
+    for r in (2, 2.2, 3):
+        model = ClearFluxTransformer2DModel.from_flux(stock, radius=r, backend="reference").eval()
+        with torch.no_grad():
+            outs[r] = model(**x)[0]
+    model = ClearFluxTransformer2DModel.from_flux(stock, radius=2.2, backend="reference").eval()
+    model.save_pretrained(tmp_path / "t22")
+    assert json.loads((tmp_path / "t22" / "config.json").read_text())["clear_radius"] == 2.2
+    loaded = ClearFluxTransformer2DModel.from_pretrained(tmp_path / "t22").eval()
+    assert {p.radius for p in loaded.attn_processors.values()} == {2.2}
+    with torch.no_grad():
+        assert torch.equal(loaded(**x)[0], outs[2.2])
+    # 13 keys: a different window from both 9 (r = 2) and 25 (r = 3)
+    assert not torch.allclose(outs[2.2], outs[2], atol=1e-6) and not torch.allclose(outs[2.2], outs[3], atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -23,12 +23,15 @@ from .mask import (
     dense_clear_mask,
     executed_block_fraction,
     flop_fraction,
+    normalize_radius,
     num_pooled_tokens,
     permute_tokens,
+    radius_bound,
     tile_permutation,
     unpermute_tokens,
     validate_clear_config,
     window_count,
+    window_extent,
     window_info,
 )
 
@@ -79,5 +82,8 @@ __all__ = [
     "unpermute_tokens",
     "validate_clear_config",
     "window_count",
+    "window_extent",
+    "normalize_radius",
+    "radius_bound",
     "window_info",
 ]

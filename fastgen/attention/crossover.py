@@ -15,7 +15,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-from .mask import flop_fraction
+from .mask import flop_fraction, normalize_radius
 
 TABLE = Path(__file__).resolve().parent / "cpu_backends.json"
 #: backend names of the benchmark -> (clear_attention backend, permute)
@@ -40,7 +40,7 @@ def cases_from_rows(rows: list[dict], text_len: int) -> list[dict]:
     for row in rows:
         if row.get("status") != "ok" or row.get("backend") not in CHOICES or row.get("radius") is None:
             continue
-        key = (row["grid"], int(row.get("text_len", text_len)), int(row["radius"]))
+        key = (row["grid"], int(row.get("text_len", text_len)), normalize_radius(row["radius"]))
         by_case.setdefault(key, {})[row["backend"]] = float(row["median_ms"])
         info[key] = {"grid": row["grid"], "text_len": key[1], "radius": key[2], "tokens": int(row["tokens"]),
                      "ideal_flop_fraction": float(row["ideal_flop_fraction"])}
@@ -53,7 +53,7 @@ def cases_from_rows(rows: list[dict], text_len: int) -> list[dict]:
     return cases
 
 
-def pick_cpu_backend(height: int, width: int, text_len: int, radius: int, needs_grad: bool,
+def pick_cpu_backend(height: int, width: int, text_len: int, radius: int | float, needs_grad: bool,
                      table: str | None = None) -> tuple[str, bool]:
     """``(backend, permute)`` for CLEAR attention on a CPU (see the module docstring)."""
     if needs_grad:

@@ -46,7 +46,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTr
 from fastgen.errors import ConfigError
 
 from .backends import BACKENDS, clear_attention
-from .mask import validate_clear_config
+from .mask import normalize_radius, validate_clear_config
 
 __all__ = [
     "ClearFluxAttnProcessor",
@@ -274,7 +274,7 @@ class ClearFluxAttnProcessor(_FluxJointAttnProcessor):
 
     def __init__(
         self,
-        radius: int,
+        radius: int | float,
         down_factor: int = 1,
         backend: str = "auto",
         text_len: int | None = None,
@@ -283,8 +283,7 @@ class ClearFluxAttnProcessor(_FluxJointAttnProcessor):
         **kernel_kwargs: Any,
     ):
         super().__init__(record=record)
-        _check_settings(radius, down_factor, backend)
-        self.radius = int(radius)
+        self.radius = _check_settings(radius, down_factor, backend)
         self.down_factor = int(down_factor)
         self.backend = str(backend)
         self.text_len = None if text_len is None else int(text_len)
@@ -344,17 +343,15 @@ class ClearFluxAttnProcessor(_FluxJointAttnProcessor):
         )
 
 
-def _check_settings(radius, down_factor, backend) -> None:
-    """Grid-independent checks (the radius against the grid is checked when attention runs)."""
+def _check_settings(radius, down_factor, backend) -> int | float:
+    """Grid-independent checks (the radius against the grid is checked when attention runs); returns the
+    radius as :func:`~fastgen.attention.mask.normalize_radius`."""
     if backend not in BACKENDS:
         raise ConfigError(f"CLEAR attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
-        raise ConfigError(
-            f"CLEAR attention: radius must be an integer >= 1 (tokens; a query must at least see its own token), "
-            f"got {radius!r}"
-        )
+    radius = normalize_radius(radius)
     if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor < 1:
         raise ConfigError(f"CLEAR attention: down_factor must be an integer >= 1, got {down_factor!r}")
+    return radius
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +422,7 @@ def _install_grid_hooks(transformer: torch.nn.Module) -> None:
 
 def apply_clear(
     transformer: torch.nn.Module,
-    radius: int,
+    radius: int | float,
     down_factor: int = 1,
     backend: str = "auto",
     *,
@@ -498,7 +495,7 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
         pooled_projection_dim: int = 768,
         guidance_embeds: bool = False,
         axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
-        clear_radius: int = 16,
+        clear_radius: int | float = 16,
         clear_down_factor: int = 1,
         clear_backend: str = "auto",
         clear_text_len: int | None = None,
@@ -522,7 +519,7 @@ class ClearFluxTransformer2DModel(FluxTransformer2DModel):
     def from_flux(
         cls,
         transformer: FluxTransformer2DModel,
-        radius: int,
+        radius: int | float,
         down_factor: int = 1,
         backend: str = "auto",
         text_len: int | None = None,

@@ -14,6 +14,12 @@ Predicate ``M(q, k)``:
   ``(yq - yk)^2 + (xq - xk)^2 < r^2`` (a circle, strict inequality, simply clipped at the
   borders) and every pooled key.
 
+The radius ``r`` is a real number ``>= 1`` (an integer in CLEAR's own settings: 8 / 16 / 32). On the
+token lattice only ``r^2`` rounded up matters (:func:`radius_bound`): ``dy^2 + dx^2 < r^2`` holds
+exactly when ``dy^2 + dx^2 < ceil(r^2)``, so every kernel compares integers. A non-integer radius
+reaches window sizes between integer radii: on an interior query ``r = 2`` keeps 9 image keys,
+``r = 2.2`` 13 and ``r = 3`` 25.
+
 Everything here is pure PyTorch / Python; the attention kernels live in :mod:`.backends` and
 :mod:`.triton_kernel`.
 """
@@ -29,6 +35,9 @@ from fastgen.errors import ConfigError
 
 __all__ = [
     "validate_clear_config",
+    "normalize_radius",
+    "radius_bound",
+    "window_extent",
     "num_pooled_tokens",
     "clear_mask_predicate",
     "dense_clear_mask",
@@ -56,8 +65,38 @@ def _as_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def validate_clear_config(height, width, text_len, radius, down_factor=1) -> tuple[int, int, int, int, int]:
-    """Check a CLEAR configuration and return it as plain ints.
+def normalize_radius(radius) -> int | float:
+    """A CLEAR window radius as a plain ``int`` (integral values) or ``float``.
+
+    Raises :class:`fastgen.errors.ConfigError` for a non-number, a non-finite value or ``radius < 1``.
+    """
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise ConfigError(f"CLEAR attention: radius must be a number of tokens (e.g. 2, 2.2 or 16), got {radius!r}")
+    value = float(radius)
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(
+            f"CLEAR attention: radius must be a finite number >= 1 (a query must at least see its own token), got {radius!r}"
+        )
+    return int(value) if value.is_integer() else value
+
+
+def radius_bound(radius) -> int:
+    """``ceil(r^2)``: on integer offsets, ``dy^2 + dx^2 < r^2`` exactly when ``dy^2 + dx^2 < radius_bound(r)``.
+
+    ``r^2`` is the float64 product (what ``dy * dy + dx * dx < r * r`` compares against); ``r = 2.2``
+    gives 5, an integer ``r`` gives ``r^2``. Plain arithmetic, so it also traces under ``torch.compile``.
+    """
+    radius = normalize_radius(radius)
+    return radius * radius if isinstance(radius, int) else math.ceil(radius * radius)
+
+
+def window_extent(radius) -> int:
+    """The largest ``|dy|`` (or ``|dx|``) inside the window: ``isqrt(ceil(r^2) - 1)`` (``r - 1`` for an integer ``r``)."""
+    return math.isqrt(radius_bound(radius) - 1)
+
+
+def validate_clear_config(height, width, text_len, radius, down_factor=1) -> tuple[int, int, int, int | float, int]:
+    """Check a CLEAR configuration and return it as plain numbers (the radius as :func:`normalize_radius`).
 
     Raises :class:`fastgen.errors.ConfigError` for a non-integer or non-positive grid, a negative
     ``text_len``, ``radius < 1``, a radius larger than the grid (``radius > max(height, width)``:
@@ -67,13 +106,7 @@ def validate_clear_config(height, width, text_len, radius, down_factor=1) -> tup
     height = _as_int("height", height, 1)
     width = _as_int("width", width, 1)
     text_len = _as_int("text_len", text_len, 0)
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
-        raise ConfigError(f"CLEAR attention: radius must be an integer number of tokens, got {radius!r}")
-    radius = int(radius)
-    if radius < 1:
-        raise ConfigError(
-            f"CLEAR attention: radius must be >= 1 (a query must at least see its own token), got {radius}"
-        )
+    radius = normalize_radius(radius)
     if radius > max(height, width):
         raise ConfigError(
             f"CLEAR attention: radius {radius} is larger than the {height}x{width} token grid: the window "
@@ -100,14 +133,16 @@ def num_pooled_tokens(height: int, width: int, down_factor: int = 1) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_pooled=0):
+def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_pooled=0, r2=None):
     """``True`` where query ``q_idx`` may attend to key ``kv_idx`` (broadcasting tensors).
 
     Tensor ops only (no Python branching on values), so the body works as a FlexAttention
     ``mask_mod`` (``lambda b, h, q, kv: clear_mask_predicate(q, kv, ...)``) and on broadcast
     ``arange`` grids for a dense mask. Indices are positions in the joint sequence; keys
-    ``N <= kv_idx < N + num_pooled`` are the pooled tokens. ``height``/``width``/``text_len``/
-    ``radius`` may be Python ints or 0-d integer tensors.
+    ``N <= kv_idx < N + num_pooled`` are the pooled tokens. ``height``/``width``/``text_len`` may be
+    Python ints or 0-d integer tensors; ``radius`` a Python number (compared as :func:`radius_bound`)
+    or a 0-d tensor (compared as ``radius * radius``). ``r2``: :func:`radius_bound` computed beforehand
+    (what a traced ``mask_mod`` passes, so the trace holds integer arithmetic only).
     """
     hw = height * width
     n = text_len + hw
@@ -121,7 +156,9 @@ def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_
     ki = (kv_idx - text_len).clamp(min=0)
     dy = qi // width - ki // width
     dx = qi % width - ki % width
-    disk = dy * dy + dx * dx < radius * radius
+    if r2 is None:
+        r2 = radius * radius if isinstance(radius, (int, torch.Tensor)) else radius_bound(radius)
+    disk = dy * dy + dx * dx < r2
 
     return (
         (kv_text & (q_text | q_img))
@@ -153,25 +190,23 @@ def dense_clear_mask(height, width, text_len, radius, down_factor=1, device=None
 # ----------------------------------------------------------------------------------------------
 
 
-def _disk_offsets(radius: int) -> list[tuple[int, int]]:
-    r2 = radius * radius
+def _disk_offsets(radius) -> list[tuple[int, int]]:
+    r2, ext = radius_bound(radius), window_extent(radius)
     out = []
-    for dy in range(-(radius - 1), radius):
-        half = math.isqrt(r2 - 1 - dy * dy)  # largest |dx| with dy^2 + dx^2 <= r^2 - 1
+    for dy in range(-ext, ext + 1):
+        half = math.isqrt(r2 - 1 - dy * dy)  # largest |dx| with dy^2 + dx^2 <= ceil(r^2) - 1
         out.extend((dy, dx) for dx in range(-half, half + 1))
     return out
 
 
-def window_count(radius: int) -> int:
+def window_count(radius) -> int:
     """Lattice points ``(dy, dx)`` with ``dy^2 + dx^2 < radius^2`` (keys seen by an interior query).
 
-    193 / 793 / 3205 for radius 8 / 16 / 32.
+    193 / 793 / 3205 for radius 8 / 16 / 32; 9 / 13 / 25 for radius 2 / 2.2 / 3. 0 below radius 1.
     """
-    radius = int(radius)
-    if radius < 1:
+    if not isinstance(radius, bool) and isinstance(radius, numbers.Real) and radius < 1:
         return 0
-    r2 = radius * radius
-    return sum(2 * math.isqrt(r2 - 1 - dy * dy) + 1 for dy in range(-(radius - 1), radius))
+    return len(_disk_offsets(radius))
 
 
 def flop_fraction(height, width, text_len, radius, down_factor=1) -> dict:
@@ -355,7 +390,7 @@ def block_occupancy(height, width, text_len, radius, block=128, order="raster", 
     aligned = torch.cat([torch.full((lead,), big, dtype=torch.int64), raster.long()])
     seg, valid = _block_segments(aligned, width, block)
     nbi = seg.shape[0]
-    r2 = radius * radius
+    r2 = radius_bound(radius)
     img_occ = torch.zeros(nbi, nbi, dtype=torch.bool)
     chunk = max(1, 2_000_000 // max(1, nbi * seg.shape[1] * seg.shape[1]))
     for c0 in range(0, nbi, chunk):
@@ -381,7 +416,7 @@ def executed_block_fraction(height, width, text_len, radius, block=128, order="r
     return int(occ.sum().item()) * int(block) ** 2 / (n * n)
 
 
-def window_info(height: int, width: int, text_len: int, radius: int, down_factor: int = 1) -> dict:
+def window_info(height: int, width: int, text_len: int, radius: int | float, down_factor: int = 1) -> dict:
     """Window size and attention-FLOP fraction of a CLEAR pattern on a ``height x width`` token grid
     (what exports and reports state about a CLEAR model)."""
     ff = flop_fraction(height, width, text_len, radius, down_factor)

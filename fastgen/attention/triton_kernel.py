@@ -5,14 +5,16 @@ segments with an online softmax (fp32 running max / sum / accumulator):
 
 1. the text prefix ``[0, T)`` (every query sees it);
 2. the image keys of the *row band* of the query block: for a block whose image queries cover
-   grid rows ``yq_min..yq_max`` only keys on rows ``max(0, yq_min - (r-1)) .. min(H-1, yq_max + (r-1))``
-   can be inside a disk of radius ``r`` (raster order makes that a contiguous key range). Blocks
-   that contain a text query walk all image keys. With ``SKIP_BLOCKS`` a key block inside the
-   band is also skipped when the bounding boxes of the query block and the key block are at least
-   ``r`` apart (useful when a grid row is longer than a query block);
+   grid rows ``yq_min..yq_max`` only keys on rows ``max(0, yq_min - E) .. min(H-1, yq_max + E)``
+   can be inside a disk of radius ``r`` (``E`` = :func:`~.mask.window_extent`, ``r - 1`` for an
+   integer radius; raster order makes that a contiguous key range). Blocks that contain a text
+   query walk all image keys. With ``SKIP_BLOCKS`` a key block inside the band is also skipped
+   when the bounding boxes of the query block and the key block are at least ``r`` apart (useful
+   when a grid row is longer than a query block);
 3. the pooled keys (``down_factor >= 2``), only for blocks that contain image queries.
 
-Inside each visited tile the exact element-level CLEAR predicate is applied. Rows that have no
+Inside each visited tile the exact element-level CLEAR predicate is applied, on integers:
+``dy^2 + dx^2 < R2`` with ``R2 = ceil(r^2)`` (:func:`~.mask.radius_bound`). Rows that have no
 allowed key yet in a tile keep a running max of ``-inf``; the max is replaced by 0 before the
 exponentials so such tiles contribute exactly 0 instead of NaN.
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+from .mask import radius_bound, window_extent
 
 try:  # triton is optional (the reference and flex backends do not need it)
     import triton
@@ -69,7 +73,7 @@ def _clear_attn_fwd(
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_ob, stride_oh, stride_on, stride_od,
-    num_heads, N, T, H, W, R, P, qk_scale,
+    num_heads, N, T, H, W, R2, E, P, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -88,7 +92,6 @@ def _clear_attn_fwd(
     o_base = O + b * stride_ob + h * stride_oh
 
     HW = H * W
-    R2 = R * R
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -133,8 +136,8 @@ def _clear_attn_fwd(
     q_last_c = tl.maximum(q_last, 0)
     yq_min = q_first // W
     yq_max = q_last_c // W
-    band_lo = tl.maximum(yq_min - (R - 1), 0) * W
-    band_hi = tl.minimum(yq_max + R, H) * W
+    band_lo = tl.maximum(yq_min - E, 0) * W
+    band_hi = tl.minimum(yq_max + E + 1, H) * W
     img_lo = tl.where(has_text, 0, band_lo)
     img_hi = tl.where(has_text, HW, band_hi)
     q_one_row = yq_min == yq_max
@@ -284,7 +287,7 @@ def default_blocks(head_dim: int, interpret: bool) -> tuple[int, int, int, int]:
     return 128, 64, 4, 3
 
 
-def band_schedule(n_queries: int, text_len: int, height: int, width: int, radius: int,
+def band_schedule(n_queries: int, text_len: int, height: int, width: int, radius: int | float,
                   block_m: int, block_n: int, skip_blocks: bool) -> list[list[int]]:
     """The image-key tiles the kernel visits, recomputed in Python (same integer logic).
 
@@ -293,7 +296,7 @@ def band_schedule(n_queries: int, text_len: int, height: int, width: int, radius
     only by blocks holding an image query).
     """
     hw = height * width
-    r2 = radius * radius
+    r2, ext = radius_bound(radius), window_extent(radius)
     out = []
     for pid in range(-(-n_queries // block_m)):
         m0 = pid * block_m
@@ -304,8 +307,8 @@ def band_schedule(n_queries: int, text_len: int, height: int, width: int, radius
         if has_text:
             lo, hi = 0, hw
         else:
-            lo = max(yq_min - (radius - 1), 0) * width
-            hi = min(yq_max + radius, height) * width
+            lo = max(yq_min - ext, 0) * width
+            hi = min(yq_max + ext + 1, height) * width
         one_row = yq_min == yq_max
         xq_min = q_first % width if one_row else 0
         xq_max = q_last_c % width if one_row else width - 1
@@ -326,7 +329,7 @@ def band_schedule(n_queries: int, text_len: int, height: int, width: int, radius
     return out
 
 
-def band_visits(n_queries: int, text_len: int, height: int, width: int, radius: int, num_pooled: int,
+def band_visits(n_queries: int, text_len: int, height: int, width: int, radius: int | float, num_pooled: int,
                 block_m: int, block_n: int, skip_blocks: bool) -> dict:
     """Count of KV tiles the kernel visits (one batch/head), from :func:`band_schedule`.
 
@@ -372,7 +375,8 @@ def launch_clear_forward(q, k, v, pk, pv, *, height, width, text_len, radius, sc
         kernel[grid](
             q, k, v, pk, pv, out,
             *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *out.stride(),
-            heads, n, text_len, height, width, radius, num_pooled, float(scale) * LOG2E,
+            heads, n, text_len, height, width, radius_bound(radius), window_extent(radius), num_pooled,
+            float(scale) * LOG2E,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_POOLED=has_pooled, SKIP_BLOCKS=bool(skip_blocks), DOT_PRECISION=dot_precision,
             **kwargs,
@@ -397,7 +401,7 @@ def compile_for_target(dtype: str = "bfloat16", *, head_dim: int = 128, block_m:
     elem = _TORCH_TO_TRITON[str(dtype).replace("torch.", "")]
     signature = {name: "*" + elem for name in ("Q", "K", "V", "PK", "PV", "O")}
     for name in fn.arg_names:
-        if name.startswith("stride_") or name in ("num_heads", "N", "T", "H", "W", "R", "P"):
+        if name.startswith("stride_") or name in ("num_heads", "N", "T", "H", "W", "R2", "E", "P"):
             signature[name] = "i32"
     signature["qk_scale"] = "fp32"
     constexprs = {

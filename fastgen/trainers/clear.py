@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from diffusers import FluxPipeline
 
-from fastgen.attention import validate_clear_config, window_info
+from fastgen.attention import normalize_radius, validate_clear_config, window_info
 from fastgen.attention.flux import TRAINABLE_PATTERNS, ClearFluxTransformer2DModel, RecordingFluxAttnProcessor
 from fastgen.attention.flux import aligned_processor_names, is_trainable_name, recording
 from fastgen.data.sources import build_dataset
@@ -57,7 +57,8 @@ class ClearConfig:
     """CLEAR's algorithm options (the ``clear:`` section).
 
     Attributes:
-        radius: window radius ``r`` in latent tokens (image keys with ``dy^2 + dx^2 < r^2``).
+        radius: window radius ``r`` in latent tokens (image keys with ``dy^2 + dx^2 < r^2``); a real
+            number >= 1, so windows between integer radii are reachable (2 / 2.2 / 3: 9 / 13 / 25 keys).
         down_factor: ``f >= 2`` adds ``(H/f)*(W/f)`` pooled KV tokens with learnable ``f x f`` weights.
         backend: attention backend while training (``reference`` on CPU: the only one with a CPU
             backward; ``flex`` on CUDA).
@@ -67,7 +68,7 @@ class ClearConfig:
             this; 0 turns alignment off.
     """
 
-    radius: int = 4
+    radius: int | float = 4
     down_factor: int = 1
     backend: Literal["reference", "flex", "triton", "auto"] = "reference"
     caption_dropout: float = 0.1
@@ -77,8 +78,10 @@ class ClearConfig:
     align_every: int = 4
 
     def __post_init__(self) -> None:
-        if isinstance(self.radius, bool) or int(self.radius) != self.radius or self.radius < 1:
-            raise ConfigError(f"clear.radius must be an integer >= 1 (tokens), got {self.radius}; CLEAR uses 8/16/32")
+        try:
+            self.radius = normalize_radius(self.radius)
+        except ConfigError:
+            raise ConfigError(f"clear.radius must be a number >= 1 (tokens), got {self.radius!r}; CLEAR uses 8/16/32") from None
         if self.down_factor < 1:
             raise ConfigError(f"clear.down_factor must be >= 1, got {self.down_factor}; use 1 (no pooled KV) or e.g. 4")
         for name in ("fm_weight", "kd_weight", "attn_weight"):
@@ -113,8 +116,8 @@ class Clear(Method):
         self.resolution, self.max_sequence_length = loaded.resolution, int(teacher.max_sequence_length)
         f = teacher.vae_scale_factor * 2  # VAE factor x 2x2 packing
         self.grid = (self.resolution // f, self.resolution // f)
-        validate_clear_config(self.grid[0], self.grid[1], self.max_sequence_length, int(cfg.radius), cfg.down_factor)
-        student = ClearFluxTransformer2DModel.from_flux(teacher.net, radius=int(cfg.radius), down_factor=int(cfg.down_factor), backend=cfg.backend)
+        validate_clear_config(self.grid[0], self.grid[1], self.max_sequence_length, cfg.radius, cfg.down_factor)
+        student = ClearFluxTransformer2DModel.from_flux(teacher.net, radius=cfg.radius, down_factor=int(cfg.down_factor), backend=cfg.backend)
         student.requires_grad_(False)
         for n, p in student.named_parameters():
             p.requires_grad_(is_trainable_name(n))
@@ -274,7 +277,7 @@ class Clear(Method):
 
     def attention_info(self) -> dict[str, Any]:
         """Window size and attention-FLOP fractions of this run's CLEAR pattern at its resolution."""
-        return window_info(*self.grid, self.max_sequence_length, int(self.config.radius), int(self.config.down_factor))
+        return window_info(*self.grid, self.max_sequence_length, self.config.radius, int(self.config.down_factor))
 
     def export_plan(self) -> ExportPlan:
         """The teacher's ``FluxPipeline`` folder with the student as ``ClearFluxTransformer2DModel``."""
@@ -286,7 +289,7 @@ class Clear(Method):
         info = {"method": "clear", "teacher": self.loaded.name, "teacher_path": os.fspath(Path(self.loaded.path).resolve()),
                 "teacher_pipeline_class": self.teacher.pipeline_class, "pipeline_class": "FluxPipeline",
                 "transformer_class": "ClearFluxTransformer2DModel", "model_index_entry": ["fastgen", "ClearFluxTransformer2DModel"],
-                "radius": int(cfg.radius), "down_factor": int(cfg.down_factor), "attention_backend": backend,
+                "radius": cfg.radius, "down_factor": int(cfg.down_factor), "attention_backend": backend,
                 **self.attention_info(), "aligned_layers": list(self.aligned), "trainable_tensors": len(self.trainable_names()),
                 "resolution": self.resolution, "num_inference_steps": self.sample_steps, "guidance_mode": self.guidance_mode,
                 "guidance_scale": float(kw["guidance_scale"]), "true_cfg_scale": float(kw.get("true_cfg_scale", 1.0)),
