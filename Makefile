@@ -21,9 +21,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/fastgen demo
 
-# The default suite plus the slow tests marked `ci` (real end-to-end paths kept under CI's budget).
+# The default suite plus the slow tests marked `ci` (real end-to-end paths kept under CI's budget), in
+# TEST_WORKERS pytest-xdist processes of one thread each (whole files per worker, so a module's fixtures
+# are built once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -m "not slow or ci" -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow or ci" -q --durations=15 \
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 test-slow: venv
 	$(BIN)/python -m pytest -m "slow" -q --durations=15

@@ -124,6 +124,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fastgen.evaluation.speed import malloc_trim, proc_status_kb, reset_peak_rss  # noqa: E402
 from fastgen.models.architectures import CLIP_L_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 RESULT_NAME = "train_throughput"
@@ -249,26 +250,6 @@ class CallCounter:
         }
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # not glibc
-        pass
-
-
 class MemoryWindow:
     """Peak memory over a window: ``start()`` before the steps, ``stop()`` after (see the module docstring)."""
 
@@ -288,17 +269,10 @@ class MemoryWindow:
             self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
             self.method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
             return
-        _malloc_trim()
-        reset = False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            reset = _status_kb("VmHWM") is not None
-        except OSError:
-            reset = False
-        if reset:
+        malloc_trim()
+        if reset_peak_rss():
             self.method = "VmHWM (/proc/self/status) reset via /proc/self/clear_refs=5; baseline VmRSS"
-            self.base_mb = (_status_kb("VmRSS") or 0) / 1024
+            self.base_mb = (proc_status_kb("VmRSS") or 0) / 1024
         else:
             self.method = "resource.getrusage(RUSAGE_SELF).ru_maxrss (not resettable); baseline psutil rss"
             try:
@@ -317,7 +291,7 @@ class MemoryWindow:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self.method.startswith("VmHWM"):
-            peak = (_status_kb("VmHWM") or 0) / 1024
+            peak = (proc_status_kb("VmHWM") or 0) / 1024
         else:
             peak = _ru_maxrss_mb()
         return max(peak - self.base_mb, 0.0), peak
@@ -876,7 +850,7 @@ class Config:
         self.batches = cached_batches if opts["cache"] else pixel_batches
         self.step = 0
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         t0 = time.perf_counter()
         self.method, self.info = ladder_method(spec, opts)
         self.optimizer = ladder_optimizer(self.method, opts.get("fused"))
@@ -930,7 +904,7 @@ class Config:
         if compiled:
             torch._dynamo.reset()
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -945,8 +919,8 @@ def retained_memory_mb(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    _malloc_trim()
-    kb = _status_kb("RssAnon")
+    malloc_trim()
+    kb = proc_status_kb("RssAnon")
     if kb is None:  # not Linux: the whole resident set
         try:
             import psutil

@@ -77,7 +77,8 @@ def test_signal_ddim_step_is_ddim_scheduler_step_in_signal_coordinates(predictio
         x_s = sched.step(out, t, x_t).prev_sample
         want = signal_from_point(x_s, eps, a_s, s_s)
         got = signal_ddim_step(y_t, to_x0(out, x_t, a_t, s_t, prediction_type), signal_coefficient(a_t, s_t, a_s, s_s))
-        worst = max(worst, float((got - want).abs().max()))
+        # float32 round-off grows with the value (|want| reaches ~8 here): 1e-5 absolute plus 1e-5 relative
+        worst = max(worst, float(((got - want).abs() / (1.0 + want.abs())).max()))
     assert worst <= 1e-5, worst
 
 

@@ -66,7 +66,7 @@ def test_a_missing_run_folder_falls_back_to_the_shipped_recipe(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.radius_of(tmp_path / "clear-digits-r1") == 1
-    assert module.radius_of(tmp_path / "clear-digits") == 2
+    assert module.radius_of(tmp_path / "clear-digits") == 2.2
     assert module.run_config(tmp_path / "clear-digits")["train"]["max_steps"] >= 1
     with pytest.raises(SystemExit, match="no recipe"):
         module.radius_of(tmp_path / "not-a-run")

@@ -56,8 +56,11 @@ def test_separate_cfg_forwards_equal_the_batched_one():
         batched = teacher.predict(x, t, cond, uncond, w)
         teacher.cfg_forward = "separate"
         separate = teacher.predict(x, t, cond, uncond, w)
+    # Batch 6 and batch 3 take different convolution kernels, so the network outputs differ by float32
+    # round-off (~3e-6), which guidance at w = 6 multiplies by up to 2w - 1 = 11; a swapped or misrouted
+    # branch would differ by O(1).
     for a, b in zip(batched, separate):
-        assert float((a - b).abs().max()) <= 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     # and it is really a different call pattern: two network calls of batch 3 instead of one of 6
     rows = []
     handle = teacher.net.register_forward_hook(lambda mod, args, out: rows.append(int(args[0].shape[0])))
