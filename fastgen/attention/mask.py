@@ -84,7 +84,7 @@ def radius_bound(radius) -> int:
     """``ceil(r^2)``: on integer offsets, ``dy^2 + dx^2 < r^2`` exactly when ``dy^2 + dx^2 < radius_bound(r)``.
 
     ``r^2`` is the float64 product (what ``dy * dy + dx * dx < r * r`` compares against); ``r = 2.2``
-    gives 5, an integer ``r`` gives ``r^2``. Plain arithmetic, so it also traces under ``torch.compile``.
+    gives 5, an integer ``r`` gives ``r^2``.
     """
     radius = normalize_radius(radius)
     return radius * radius if isinstance(radius, int) else math.ceil(radius * radius)
