@@ -281,6 +281,7 @@ FLEX_CASES = [
     (7, 5, 0, 1, 1, False, None),
     (8, 8, 4, 3, 2, False, 16),
     (8, 8, 0, 5, 2, True, 32),
+    (8, 8, 4, 2.2, 1, True, 16),  # non-integer radius
 ]
 
 
@@ -306,8 +307,8 @@ def test_flex_block_mask_cached_and_matches_occupancy():
 
 
 def test_flex_compiled_matches_reference():
-    # one small compiled case (a few seconds of C++ compilation on CPU), permuted + pooled tokens
-    height, width, text_len, radius, f = 8, 8, 4, 3, 2
+    # one small compiled case (a few seconds of C++ compilation on CPU), permuted + pooled tokens, a non-integer radius
+    height, width, text_len, radius, f = 8, 8, 4, 2.6, 2
     q, k, v = qkv(1, 2, text_len + height * width, 16)
     kw = dict(height=height, width=width, text_len=text_len, radius=radius, down_factor=f)
     out = clear_attention(q, k, v, backend="flex", compiled=True, permute=True, tile=(4, 4), block_size=16, **kw)

@@ -37,7 +37,6 @@ from .mask import (
     dense_clear_mask,
     num_pooled_tokens,
     permute_tokens,
-    radius_bound,
     tile_permutation,
     unpermute_tokens,
     validate_clear_config,
@@ -194,13 +193,12 @@ def clear_mask_mod(height, width, text_len, radius, down_factor=1, lookup=None):
     permuted tokens); ``None`` = raster order.
     """
     num_pooled = num_pooled_tokens(height, width, down_factor)
-    r2 = radius_bound(radius)
 
     if lookup is None:
 
         def mask_mod(b, h, q_idx, kv_idx):
             return clear_mask_predicate(
-                q_idx, kv_idx, height=height, width=width, text_len=text_len, radius=radius, num_pooled=num_pooled, r2=r2
+                q_idx, kv_idx, height=height, width=width, text_len=text_len, radius=radius, num_pooled=num_pooled
             )
 
     else:
@@ -208,7 +206,7 @@ def clear_mask_mod(height, width, text_len, radius, down_factor=1, lookup=None):
         def mask_mod(b, h, q_idx, kv_idx):
             return clear_mask_predicate(
                 lookup[q_idx], lookup[kv_idx],
-                height=height, width=width, text_len=text_len, radius=radius, num_pooled=num_pooled, r2=r2,
+                height=height, width=width, text_len=text_len, radius=radius, num_pooled=num_pooled,
             )
 
     return mask_mod

@@ -133,16 +133,15 @@ def num_pooled_tokens(height: int, width: int, down_factor: int = 1) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_pooled=0, r2=None):
+def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_pooled=0):
     """``True`` where query ``q_idx`` may attend to key ``kv_idx`` (broadcasting tensors).
 
     Tensor ops only (no Python branching on values), so the body works as a FlexAttention
     ``mask_mod`` (``lambda b, h, q, kv: clear_mask_predicate(q, kv, ...)``) and on broadcast
     ``arange`` grids for a dense mask. Indices are positions in the joint sequence; keys
     ``N <= kv_idx < N + num_pooled`` are the pooled tokens. ``height``/``width``/``text_len`` may be
-    Python ints or 0-d integer tensors; ``radius`` a Python number (compared as :func:`radius_bound`)
-    or a 0-d tensor (compared as ``radius * radius``). ``r2``: :func:`radius_bound` computed beforehand
-    (what a traced ``mask_mod`` passes, so the trace holds integer arithmetic only).
+    Python ints or 0-d integer tensors, ``radius`` a Python number or 0-d tensor (on integer offsets
+    ``< radius * radius`` is the same test as ``< radius_bound(radius)``).
     """
     hw = height * width
     n = text_len + hw
@@ -156,9 +155,7 @@ def clear_mask_predicate(q_idx, kv_idx, *, height, width, text_len, radius, num_
     ki = (kv_idx - text_len).clamp(min=0)
     dy = qi // width - ki // width
     dx = qi % width - ki % width
-    if r2 is None:
-        r2 = radius * radius if isinstance(radius, (int, torch.Tensor)) else radius_bound(radius)
-    disk = dy * dy + dx * dx < r2
+    disk = dy * dy + dx * dx < radius * radius
 
     return (
         (kv_text & (q_text | q_img))
