@@ -4,17 +4,19 @@ Usage::
 
     python benchmarks/clear_window.py [--quality benchmarks/results/digits_quality.json]
         [--speed benchmarks/results/sampling_speed.json] [--teacher dit-teacher@50]
-        [clear@50=runs/clear-digits clear-r1@50=runs/clear-digits-r1] [--out benchmarks/results]
+        [clear@50 clear-local@50 clear-r1@50 | LABEL@STEPS=RUN_DIR ...] [--out benchmarks/results]
 
-Each CLEAR point is a row of the quality results (``LABEL@STEPS``) and the run it was trained in (its
-``config.yaml`` gives the radius). The window is counted exactly on the teacher's token grid (32 px through
-the factor-2 VAE and 2x2 packing: 8x8 image tokens, 32 T5 tokens): the mean number of image keys an image
-query sees (border clipping included) as a share of the image tokens, and the attention FLOPs of the whole
+Each CLEAR point is a row of the quality results (``LABEL@STEPS``) and the configuration it was trained with:
+the run's saved configuration that the bench recorded for that label in the results' protocol, or, with
+``=RUN_DIR``, that run's ``config.yaml`` (its radius and pooled-KV factor). The window is counted exactly on
+the teacher's token grid (32 px through the factor-2 VAE and 2x2 packing: 8x8 image tokens, 32 T5 tokens):
+the mean number of keys an image query sees besides the text (its clipped disk of image tokens plus the
+pooled KV tokens, ``down_factor >= 2``) as a share of the image tokens, and the attention FLOPs of the whole
 joint sequence as a share of full attention. The teacher (full attention) is the point at 100%. The speed
 results, when they hold the same labels, add the measured network latency.
 
 Writes ``<out>/clear_window.json``, ``.md`` and ``.png``. Nothing is re-measured here: run
-``fastgen bench quality benchmarks/suites/digits.yaml only=dit-teacher,clear,clear-r1`` first.
+``fastgen bench quality benchmarks/suites/digits.yaml only=dit-teacher,clear,clear-local,clear-r1`` first.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_POINTS = ["clear@50=runs/clear-digits", "clear-r1@50=runs/clear-digits-r1"]
+DEFAULT_POINTS = ["clear@50", "clear-local@50", "clear-r1@50"]
 
 
 def quality_row(rows: list[dict], label: str) -> dict:
@@ -73,6 +75,19 @@ def radius_of(run_dir: Path) -> int | float:
     return normalize_radius(run_config(run_dir)["clear"]["radius"])
 
 
+def measured_config(quality: dict, label: str) -> dict:
+    """The run configuration the bench recorded for ``label`` (``LABEL@STEPS``) in the results' protocol."""
+    name = label.partition("@")[0]
+    entry = quality.get("protocol", {}).get("pipelines", {}).get(name) or {}
+    config = entry.get("run_config")
+    if not config:
+        raise SystemExit(f"error: the quality results record no run configuration for {name!r}; bench it from a recipe "
+                         f"or name its run folder ({label}=RUN_DIR)")
+    if config.get("method") != "clear":
+        raise SystemExit(f"error: {name!r} was measured from a {config.get('method')!r} run, not a CLEAR one")
+    return config
+
+
 def plot(points: list[dict], teacher: dict, path: Path) -> None:
     import matplotlib
 
@@ -80,17 +95,22 @@ def plot(points: list[dict], teacher: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    every = sorted(points + [teacher], key=lambda p: p["image_window_share"])
-    xs = [100 * p["image_window_share"] for p in every]
-    ax.plot(xs, [p["digits_fid"] for p in every], "o-", color="tab:blue")
-    for p, x in zip(every, xs):
-        ax.annotate(f"{p['label']}\nacc {p['digit_accuracy']:.3f}", (x, p["digits_fid"]), textcoords="offset points",
-                    xytext=(8, -4), va="top", fontsize=8)
+    local = sorted([p for p in points if not p.get("pooled_keys")] + [teacher], key=lambda p: p["image_window_share"])
+    pooled = [p for p in points if p.get("pooled_keys")]
+    ax.plot([100 * p["image_window_share"] for p in local], [p["digits_fid"] for p in local], "o-", color="tab:blue",
+            label="window only")
+    if pooled:
+        ax.plot([100 * p["image_window_share"] for p in pooled], [p["digits_fid"] for p in pooled], "*", markersize=11,
+                color="tab:orange", label="window + pooled KV")
+    for p in local + pooled:
+        below = bool(p.get("pooled_keys"))  # pooled points sit next to their window-only sibling: label them below
+        ax.annotate(f"{p['label']}\nacc {p['digit_accuracy']:.3f}", (100 * p["image_window_share"], p["digits_fid"]),
+                    textcoords="offset points", xytext=(8, -14 if below else 10), va="top" if below else "bottom", fontsize=8)
     ax.margins(x=0.15, y=0.12)
     ax.axhline(1.1 * teacher["digits_fid"], color="gray", linestyle=":", label="1.1 x teacher")
-    ax.axvline(25, color="gray", linestyle="--", alpha=0.5, label="window = 25% of image tokens")
+    ax.axvline(25, color="gray", linestyle="--", alpha=0.5, label="25% of the image tokens")
     ax.set_xscale("log")
-    ax.set_xlabel("image keys per image query (% of the 64 image tokens, log)")
+    ax.set_xlabel("keys per image query: window + pooled (% of the 64 image tokens, log)")
     ax.set_ylabel("digits-FID (1000 samples, 50 steps)")
     ax.set_title("CLEAR on the digits DiT: quality vs window")
     ax.legend(fontsize=8)
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
-    from fastgen.attention.mask import flop_fraction
+    from fastgen.attention.mask import flop_fraction, normalize_radius, num_pooled_tokens
     from fastgen.io import atomic_write_json, atomic_write_text
     from fastgen.zoo.paths import DIT_MAX_SEQUENCE_LENGTH, DIT_RESOLUTION
 
@@ -122,15 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     grid = DIT_RESOLUTION // 4  # factor-2 VAE, then 2x2 packing into tokens
     text_len = DIT_MAX_SEQUENCE_LENGTH
 
-    def point(label: str, radius: int | None, run: str | None) -> dict:
+    def point(label: str, config: dict | None, run: str | None) -> dict:
         row = quality_row(quality["rows"], label)
-        if radius is None:
+        radius, down_factor, pooled = None, None, 0
+        if config is None:
             share, flops, keys = 1.0, 1.0, grid * grid
         else:
-            acc = flop_fraction(grid, grid, text_len, radius)
-            keys = acc["mean_image_window"]
+            radius = normalize_radius(config["clear"]["radius"])
+            down_factor = int(config["clear"].get("down_factor", 1))
+            pooled = num_pooled_tokens(grid, grid, down_factor)
+            acc = flop_fraction(grid, grid, text_len, radius, down_factor)
+            keys = acc["mean_image_window"] + pooled
             share, flops = keys / (grid * grid), acc["ideal"]
-        return {"label": label, "radius": radius, "run": run, "image_keys_per_query": round(keys, 3),
+        return {"label": label, "radius": radius, "down_factor": down_factor, "pooled_keys": pooled, "run": run,
+                "image_keys_per_query": round(keys, 3),
                 "image_window_share": round(share, 4), "attention_flop_fraction": round(flops, 4),
                 "digits_fid": row["digits_fid"], "digit_accuracy": row.get("digit_accuracy"),
                 "colour_accuracy": row.get("colour_accuracy"), "samples": row.get("samples"),
@@ -140,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     for spec in args.points:
         label, sep, run = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"error: {spec!r}: write LABEL@STEPS=RUN_DIR")
-        points.append(point(label, radius_of(Path(run)), run))
-        points[-1]["train_steps"] = run_config(Path(run)).get("train", {}).get("max_steps")
+        if "@" not in label:
+            raise SystemExit(f"error: {spec!r}: write LABEL@STEPS or LABEL@STEPS=RUN_DIR")
+        config = run_config(Path(run)) if sep else measured_config(quality, label)
+        points.append(point(label, config, run or None))
+        points[-1]["train_steps"] = config.get("train", {}).get("max_steps")
     for pt in points:
         pt["fid_vs_teacher"] = round(pt["digits_fid"] / teacher["digits_fid"], 3)
     result = {"name": "clear_window", "grid": f"{grid}x{grid} image tokens + {text_len} text tokens",
@@ -154,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# CLEAR on the digits DiT: quality vs window", "",
              f"Token grid {result['grid']}; rows from `{args.quality}` (same protocol: 1000 samples, 50 steps, "
              "true CFG against the empty prompt).", "",
-             "| row | radius | training steps | image keys / query | share of image tokens | attention FLOPs vs full "
-             "| digits_fid | vs teacher | digit_accuracy | network s / image (sampling_speed) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Keys per image query count the image tokens of its clipped window plus the pooled KV tokens "
+             "(`down_factor` f >= 2: the image pooled in f x f cells); the text keys are visible to all and not counted.", "",
+             "| row | radius | pooled keys | training steps | keys / image query | share of image tokens "
+             "| attention FLOPs vs full | digits_fid | vs teacher | digit_accuracy | network s / image (sampling_speed) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for pt in [teacher] + points:
         ratio = pt.get("fid_vs_teacher", 1.0)
-        lines.append(f"| {pt['label']} | {pt['radius'] if pt['radius'] is not None else 'full'} | {pt.get('train_steps') or ''} | "
+        pooled = "" if pt["radius"] is None else f"{pt['pooled_keys']}" + (f" (f = {pt['down_factor']})" if pt["pooled_keys"] else "")
+        lines.append(f"| {pt['label']} | {pt['radius'] if pt['radius'] is not None else 'full'} | {pooled} | {pt.get('train_steps') or ''} | "
                      f"{pt['image_keys_per_query']:.2f} | {100 * pt['image_window_share']:.1f}% | "
                      f"{100 * pt['attention_flop_fraction']:.1f}% | {pt['digits_fid']:.2f} | {ratio:.3f} | "
                      f"{pt['digit_accuracy']} | {_latency(pt['network_latency_s'])} |")

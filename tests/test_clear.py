@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from fastgen.attention import BackendUnavailable, window_count
+from fastgen.attention import BackendUnavailable, window_count, window_info
 from fastgen.attention.flux import (
     ClearFluxAttnProcessor,
     ClearFluxTransformer2DModel,
@@ -483,6 +483,9 @@ def test_export_round_trip_in_a_fresh_process(flux_folder, tmp_path):
     info = json.loads((out / "fastgen_export.json").read_text())
     assert info["method"] == "clear" and info["radius"] == 2 and info["resolution"] == 16
     assert info["window_tokens"] == window_count(2) == 9 and info["window_fraction"] == 9 / 16
+    # the 4x4 grid pooled in 2x2 cells: 4 more keys for every image query
+    assert info["pooled_tokens"] == 4 and info["image_query_keys"] == 13 and info["image_query_key_fraction"] == 13 / 16
+    assert "4 pooled KV tokens" in (out / "README.md").read_text()
     assert (info["guidance_scale"], info["true_cfg_scale"], info["negative_prompt"]) == (1.0, 3.0, "")
     assert "import fastgen" in (out / "README.md").read_text()
     from fastgen.pipelines.sampling import export_call_kwargs  # what `fastgen sample` adds to the pipeline call
@@ -547,6 +550,11 @@ def test_recipes_parse(name):
     cfg = config_from_dict(ClearConfig, recipe["clear"])
     run_cfg, method_cls = load_run_config(str(RECIPES / f"{name}.yaml"))
     assert method_cls is Clear and run_cfg.clear == cfg
+    if name.startswith("clear-digits"):  # the 8x8 image tokens of the digits DiT: local + pooled keys <= 25%
+        info = window_info(8, 8, 32, cfg.radius, cfg.down_factor)
+        assert info["image_query_key_fraction"] <= 0.25 and info["image_query_keys"] == info["window_tokens"] + info["pooled_tokens"]
+    if name == "clear-digits":
+        assert (info["window_tokens"], info["pooled_tokens"]) == (13, 1)
     if name == "clear-flux-dev":
         assert cfg.radius == 16 and run_cfg.teacher.resolution == 1024 and run_cfg.data.num_samples == 10000
         assert cfg.backend == "flex" and run_cfg.data.source == "teacher-samples"

@@ -70,3 +70,32 @@ def test_a_missing_run_folder_falls_back_to_the_shipped_recipe(tmp_path):
     assert module.run_config(tmp_path / "clear-digits")["train"]["max_steps"] >= 1
     with pytest.raises(SystemExit, match="no recipe"):
         module.radius_of(tmp_path / "not-a-run")
+
+
+def test_points_from_the_recorded_run_configs_count_pooled_keys(tmp_path):
+    """Without run folders the configuration comes from the bench's protocol entry of each label; pooled KV
+    tokens (down_factor 8 on the 8x8 grid: one) add to the keys of every image query."""
+    def config(radius, down_factor):
+        return {"method": "clear", "train": {"max_steps": 3200}, "clear": {"radius": radius, "down_factor": down_factor}}
+
+    quality = tmp_path / "q.json"
+    quality.write_text(json.dumps({"rows": [
+        {"method": "dit-teacher", "steps": 50, "digits_fid": 40.0, "digit_accuracy": 0.98},
+        {"method": "clear", "steps": 50, "digits_fid": 43.0, "digit_accuracy": 0.98},
+        {"method": "clear-local", "steps": 50, "digits_fid": 45.0, "digit_accuracy": 0.97}],
+        "protocol": {"pipelines": {"dit-teacher": {"folder": "x"}, "clear": {"run_config": config(2.2, 8)},
+                                   "clear-local": {"run_config": config(2.2, 1)}}}}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(SCRIPT), "clear@50", "clear-local@50", "--quality", str(quality),
+                        "--speed", str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    by = {p["label"]: p for p in json.loads((out / "clear_window.json").read_text())["points"]}
+    local, pooled = by["clear-local@50"], by["clear@50"]
+    assert (local["pooled_keys"], pooled["pooled_keys"]) == (0, 1) and pooled["down_factor"] == 8
+    assert pooled["image_keys_per_query"] == round(local["image_keys_per_query"] + 1, 3)
+    assert local["attention_flop_fraction"] < pooled["attention_flop_fraction"] and pooled["train_steps"] == 3200
+    assert "| clear@50 | 2.2 | 1 (f = 8) | 3200 |" in (out / "clear_window.md").read_text()
+    # a label the protocol does not record as a CLEAR run is named
+    r = subprocess.run([sys.executable, str(SCRIPT), "dit-teacher@50", "--quality", str(quality), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no run configuration for 'dit-teacher'" in r.stderr

@@ -415,15 +415,25 @@ def executed_block_fraction(height, width, text_len, radius, block=128, order="r
 
 def window_info(height: int, width: int, text_len: int, radius: int | float, down_factor: int = 1) -> dict:
     """Window size and attention-FLOP fraction of a CLEAR pattern on a ``height x width`` token grid
-    (what exports and reports state about a CLEAR model)."""
+    (what exports and reports state about a CLEAR model).
+
+    ``window_tokens`` / ``window_fraction`` count the image keys of an interior window; ``pooled_tokens``
+    the pooled KV tokens every image query also sees (``down_factor >= 2``); ``image_query_keys`` /
+    ``image_query_key_fraction`` the two together, as a share of the image tokens (text keys excluded).
+    """
     ff = flop_fraction(height, width, text_len, radius, down_factor)
     k = window_count(radius)
+    p = num_pooled_tokens(height, width, down_factor)
+    hw = height * width
     return {
         "grid": [height, width],
-        "image_tokens": height * width,
+        "image_tokens": hw,
         "text_tokens": text_len,
         "window_tokens": k,
-        "window_fraction": round(k / (height * width), 6),
+        "window_fraction": round(k / hw, 6),
+        "pooled_tokens": p,
+        "image_query_keys": k + p,
+        "image_query_key_fraction": round((k + p) / hw, 6),
         "mean_image_window": round(float(ff["mean_image_window"]), 3),
         "attention_flop_fraction": round(float(ff["ideal"]), 6),
     }
