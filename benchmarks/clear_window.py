@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Token grid {result['grid']}; rows from `{args.quality}` (same protocol: 1000 samples, 50 steps, "
              "true CFG against the empty prompt).", "",
              "Keys per image query count the image tokens of its clipped window plus the pooled KV tokens "
-             "(`down_factor` f >= 2: the image pooled in f x f cells); the text keys are visible to all and not counted.", "",
+             "(`down_factor` f >= 2: the image pooled in f x f cells); the text keys are visible to all and not counted. "
+             "The network time is the speed results' row of the same label: the speed results record no run "
+             "configuration, so that row may have been timed with an earlier export of the label.", "",
              "| row | radius | pooled keys | training steps | keys / image query | share of image tokens "
              "| attention FLOPs vs full | digits_fid | vs teacher | digit_accuracy | network s / image (sampling_speed) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
