@@ -69,12 +69,6 @@ def run_config(run_dir: Path) -> dict:
     return config
 
 
-def radius_of(run_dir: Path) -> int | float:
-    from fastgen.attention.mask import normalize_radius
-
-    return normalize_radius(run_config(run_dir)["clear"]["radius"])
-
-
 def measured_config(quality: dict, label: str) -> dict:
     """The run configuration the bench recorded for ``label`` (``LABEL@STEPS``) in the results' protocol."""
     name = label.partition("@")[0]

@@ -553,8 +553,8 @@ def test_recipes_parse(name):
     if name.startswith("clear-digits"):  # the 8x8 image tokens of the digits DiT: local + pooled keys <= 25%
         info = window_info(8, 8, 32, cfg.radius, cfg.down_factor)
         assert info["image_query_key_fraction"] <= 0.25 and info["image_query_keys"] == info["window_tokens"] + info["pooled_tokens"]
-    if name == "clear-digits":
-        assert (info["window_tokens"], info["pooled_tokens"]) == (13, 1)
+        if name == "clear-digits":
+            assert (info["window_tokens"], info["pooled_tokens"]) == (13, 1)
     if name == "clear-flux-dev":
         assert cfg.radius == 16 and run_cfg.teacher.resolution == 1024 and run_cfg.data.num_samples == 10000
         assert cfg.backend == "flex" and run_cfg.data.source == "teacher-samples"

@@ -65,11 +65,11 @@ def test_a_missing_run_folder_falls_back_to_the_shipped_recipe(tmp_path):
     spec = importlib.util.spec_from_file_location("clear_window_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.radius_of(tmp_path / "clear-digits-r1") == 1
-    assert module.radius_of(tmp_path / "clear-digits") == 2.2
+    assert module.run_config(tmp_path / "clear-digits-r1")["clear"]["radius"] == 1
+    assert module.run_config(tmp_path / "clear-digits")["clear"]["radius"] == 2.2
     assert module.run_config(tmp_path / "clear-digits")["train"]["max_steps"] >= 1
     with pytest.raises(SystemExit, match="no recipe"):
-        module.radius_of(tmp_path / "not-a-run")
+        module.run_config(tmp_path / "not-a-run")
 
 
 def test_points_from_the_recorded_run_configs_count_pooled_keys(tmp_path):

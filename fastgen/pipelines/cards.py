@@ -155,7 +155,7 @@ def clear_card(info: dict[str, Any]) -> dict[str, Any]:
         "`transformer/` is a `ClearFluxTransformer2DModel` (a `FluxTransformer2DModel` subclass from fastgen) whose "
         f"attention is CLEAR local attention: radius {info['radius']} tokens ({info['window_tokens']} image tokens per "
         f"interior window, {100 * info['window_fraction']:.2f}% of the {info['image_tokens']} image tokens at {res} px)"
-        + (f", plus {info.get('pooled_tokens', 'the')} pooled KV tokens (the image pooled in {info['down_factor']}x{info['down_factor']} "
+        + (f", plus {info['pooled_tokens']} pooled KV tokens (the image pooled in {info['down_factor']}x{info['down_factor']} "
            "cells with learned weights) that every image query also sees" if info["down_factor"] > 1 else "")
         + ". Only the image-stream attention projections (to_q/to_k/to_v/to_out) were trained; everything else, the "
         "text encoders and the VAE are the teacher's. `model_index.json` lists the transformer as "
